@@ -1,0 +1,411 @@
+"""The scheduled trainer: config → data + model → training loop → run records."""
+from __future__ import annotations
+
+import math
+import platform
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tdro.config import Config, ConfigError
+from tdro.data import GroupStratifiedBatches, build_dataset
+from tdro.models.multigroup import build_model
+from tdro.objectives.anchor_losses import AnchorLoss
+from tdro.objectives.groupdro import GroupDRO, group_mean_losses
+from tdro.runs import append_jsonl, read_jsonl, write_json_atomic
+from tdro.training.checkpoint import capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
+from tdro.training.evaluation import evaluate
+from tdro.training.optim import create_optimizer
+from tdro.training.schedules import EpochSchedule
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many non-finite losses in a row; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto = CUDA, then MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"key 'device' is {name!r} but CUDA is not available here; use device: auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"key 'device' is {name!r} but MPS is not available here; use device: auto or cpu")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+
+
+def new_run_dir(config: Config) -> Path:
+    if config.run_name:
+        return Path(config.output_dir) / config.run_name
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    return Path(config.output_dir) / f"{config.dataset}-{stamp}-{config.result_hash()[:6]}"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Max allocated on CUDA/MPS; the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def monitor_parts(monitor: str) -> tuple[str, str, bool]:
+    """'val_worst_group_acc' → ('val', 'worst_group_acc', higher_is_better)."""
+    split, metric = monitor.split("_", 1)
+    return split, metric, not metric.endswith("loss")
+
+
+class Trainer:
+    """Owns one run: builds everything from the Config, trains, evaluates, records, resumes."""
+
+    def __init__(self, config: Config, run_dir: Path | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if config.bf16 and self.device.type != "cuda":
+            raise ConfigError(f"key 'bf16' is true but the device is {self.device}; bf16 autocast runs on CUDA only")
+        seed_everything(config.seed, config.deterministic)
+        self.dataset = build_dataset(config)
+        self.group_names = list(self.dataset.groups)
+        self.model = build_model(config, self.dataset).to(self.device)
+        self.optimizer = create_optimizer(config, self.model.parameter_groups())
+        self.schedule = EpochSchedule(config)
+        self.anchor_loss = AnchorLoss(config.lambda_fit, config.lambda_sep, config.sep_method,
+                                      config.sep_samples_per_class, config.sep_margin, config.per_group_fit)
+        group_sizes = [len(self.dataset.groups[name].train.y) for name in self.group_names]
+        self.groupdro = GroupDRO(
+            len(self.group_names), eta=config.groupdro_eta, update_mode=config.groupdro_update_mode,
+            objective=config.groupdro_objective, gamma=config.groupdro_gamma, init=config.groupdro_init,
+            group_sizes=group_sizes, min_group_weight=config.groupdro_min_group_weight,
+            adjustment=config.groupdro_adjustment, warmup_epochs=config.groupdro_warmup_epochs,
+        ) if config.groupdro_enabled else None
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.batches = GroupStratifiedBatches(self.dataset, "train", config.batch_size, config.batching,
+                                              self.data_generator)
+        self.selection_split, self.monitor_metric, self.higher_is_better = monitor_parts(config.monitor)
+        self.run_dir = run_dir or new_run_dir(config)
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.epoch = 0
+        self.step = 0
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.epochs_without_improvement = 0
+        self.nonfinite_in_a_row = 0
+        self.started = time.time()
+        self.wall_seconds_before = 0.0
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 else nullcontext())
+        self.tensorboard = self._open_tensorboard() if config.tensorboard else None
+
+    # --- set-up and resume ---
+    def _open_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ConfigError("key 'tensorboard' is true but the tensorboard package is not installed; "
+                              "pip install tensorboard, or set tensorboard: false") from err
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def start(self) -> None:
+        """Create the run directory for a new run; refuse to overwrite an existing one."""
+        if (self.run_dir / "config.yaml").exists():
+            raise FileExistsError(f"run directory {self.run_dir} already holds a run; resume it with "
+                                  f"`python -m tdro train --resume {self.run_dir}` or choose another run_name")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.save(self.run_dir / "config.yaml")
+
+    def resume(self) -> None:
+        """Continue after the last checkpointed epoch (or from scratch); later records are dropped and redone."""
+        last = self.checkpoints / "last.pt"
+        if last.exists():
+            state = load_checkpoint(last, self.device)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            if self.groupdro is not None:
+                self.groupdro.load_state_dict(state["groupdro"])
+            restore_rng_states(state["rng"], self.data_generator)
+            self.epoch = state["epoch"] + 1
+            self.step = state["step"]
+            self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+            self.epochs_without_improvement = state["epochs_without_improvement"]
+            self.wall_seconds_before = state["wall_seconds"]
+        for name in ("history.jsonl", "steps.jsonl"):
+            path = self.run_dir / name
+            kept = [r for r in read_jsonl(path) if r["epoch"] < self.epoch] if path.exists() else []
+            path.unlink(missing_ok=True)
+            for record in kept:
+                append_jsonl(path, record)
+
+    # --- the loop ---
+    def fit(self) -> RunResult:
+        config = self.config
+        while self.epoch < config.epochs:
+            record = self.train_epoch()
+            metrics = {"val": evaluate(self.model, self.dataset, "val", self.device, config.eval_batch_size)}
+            if self.selection_split == "test":
+                metrics["test"] = evaluate(self.model, self.dataset, "test", self.device, config.eval_batch_size)
+            value = metrics[self.selection_split][self.monitor_metric]
+            improved = self._is_improvement(value)
+            if improved:
+                self.best_value, self.best_epoch, self.epochs_without_improvement = value, self.epoch, 0
+            else:
+                self.epochs_without_improvement += 1
+            self.schedule.observe(value, self.higher_is_better)
+            record.update(metrics, monitor={"name": config.monitor, "value": value, "improved": improved})
+            append_jsonl(self.run_dir / "history.jsonl", record)
+            self._log_tensorboard(record)
+            self._save_checkpoints(improved)
+            self.epoch += 1
+            if config.early_stopping_patience and self.epochs_without_improvement >= config.early_stopping_patience:
+                break
+        return RunResult(self.run_dir, self.finish())
+
+    def _is_improvement(self, value: float | None) -> bool:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.higher_is_better else value < self.best_value
+
+    def _set_learning_rates(self) -> dict[str, float]:
+        factor = self.schedule.factor(self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+
+    def _set_backbone_frozen(self) -> None:
+        frozen = self.epoch < self.config.freeze_backbone_epochs
+        for parameter in self.model.parameter_groups()["backbone"]:
+            parameter.requires_grad_(not frozen)
+
+    def train_epoch(self) -> dict:
+        config = self.config
+        self.model.train()
+        learning_rates = self._set_learning_rates()
+        self._set_backbone_frozen()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        totals = torch.zeros(5, device=self.device)  # loss, cls, fit, sep, correct
+        group_loss_sum = torch.zeros(len(self.group_names), device=self.device)
+        group_batches = torch.zeros(len(self.group_names), device=self.device)
+        samples = steps = nonfinite = 0
+        started = time.time()
+        bar = tqdm(self.batches, desc=f"epoch {self.epoch + 1}/{config.epochs}", disable=not config.progress,
+                   leave=False, file=sys.stdout)
+        for batch in bar:
+            parts = self.train_step(batch)
+            if parts is None:
+                nonfinite += 1
+                continue
+            steps += 1
+            samples += parts["samples"]
+            totals += torch.stack([parts["loss"], parts["cls"], parts["fit"], parts["sep"], parts["correct"]])
+            group_loss_sum += torch.where(parts["present"], parts["group_losses"], 0.0)
+            group_batches += parts["present"].float()
+            if (self.step - 1) % config.log_interval == 0:
+                self._log_step(parts)
+            if config.progress and steps % 10 == 1:
+                bar.set_postfix(loss=f"{parts['loss'].item():.3f}", q=self._q_text())
+        seconds = time.time() - started
+        means = (totals / max(steps, 1)).tolist()
+        group_loss = (group_loss_sum / group_batches.clamp(min=1)).tolist()
+        return {
+            "epoch": self.epoch,
+            "train": {"loss": means[0], "cls": means[1], "fit": means[2], "sep": means[3],
+                      "acc": totals[4].item() / max(samples, 1),
+                      "group_loss": {name: group_loss[i] for i, name in enumerate(self.group_names)}},
+            "q": self._q_dict(),
+            "lr": learning_rates,
+            "epoch_seconds": seconds,
+            "samples_per_second": samples / seconds if seconds > 0 else None,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "steps": steps,
+            "nonfinite_steps": nonfinite,
+        }
+
+    def train_step(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict | None:
+        """One optimisation step; returns detached loss parts, or None when the loss was not finite."""
+        config = self.config
+        inputs = {name: x.to(self.device, non_blocking=True) for name, (x, _) in batch.items()}
+        labels = torch.cat([y for _, y in batch.values()]).to(self.device, non_blocking=True)
+        group_ids = torch.cat([torch.full((len(y),), self.group_names.index(name), dtype=torch.long)
+                               for name, (_, y) in batch.items()]).to(self.device, non_blocking=True)
+        with self.autocast:
+            latents = torch.cat(list(self.model.encode(inputs).values()))
+            logits = self.model.head(latents)
+        latents, logits = latents.float(), logits.float()
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
+        group_losses, present = group_mean_losses(per_sample, group_ids, len(self.group_names))
+        if self.groupdro is None:
+            cls_loss = per_sample.mean()
+        else:
+            if config.groupdro_update_timing == "before_loss":
+                self.groupdro.update(group_losses.detach(), present, self.epoch)
+            cls_loss = self.groupdro.loss(group_losses, present)
+        anchor_parts = self.anchor_loss(latents, labels, group_ids, self.model.anchors, self.model.head)
+        loss = cls_loss + anchor_parts["total"]
+        zero = loss.new_zeros(())
+        parts = {"loss": loss.detach(), "cls": cls_loss.detach(), "fit": anchor_parts.get("fit", zero).detach(),
+                 "sep": anchor_parts.get("sep", zero).detach()}
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self._count_nonfinite(parts)
+            return None
+        self.nonfinite_in_a_row = 0
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        if self.groupdro is not None and config.groupdro_update_timing == "after_step":
+            self.groupdro.update(group_losses.detach(), present, self.epoch)
+        self.step += 1
+        parts.update(group_losses=group_losses.detach(), present=present, samples=len(labels),
+                     correct=(logits.argmax(1) == labels).sum().float())
+        return parts
+
+    def _count_nonfinite(self, parts: dict) -> None:
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            described = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row (max_nonfinite_steps="
+                f"{self.config.max_nonfinite_steps}) at epoch {self.epoch}, step {self.step}: {described}; "
+                f"the last good checkpoint is {self.checkpoints / 'last.pt'}")
+
+    # --- records ---
+    def _q_dict(self) -> dict[str, float] | None:
+        if self.groupdro is None:
+            return None
+        return {name: value for name, value in zip(self.group_names, self.groupdro.q.tolist())}
+
+    def _q_text(self) -> str:
+        q = self._q_dict()
+        return "-" if q is None else " ".join(f"{v:.2f}" for v in q.values())
+
+    def _log_step(self, parts: dict) -> None:
+        record = {"step": self.step, "epoch": self.epoch,
+                  **{k: parts[k].item() for k in ("loss", "cls", "fit", "sep")}, "q": self._q_dict()}
+        append_jsonl(self.run_dir / "steps.jsonl", record)
+        if self.tensorboard is not None:
+            for tag, k in (("loss", "loss"), ("ce", "cls"), ("l_fit", "fit"), ("l_sep", "sep")):
+                self.tensorboard.add_scalar(f"train/{tag}", record[k], self.step)
+            for name, value in (record["q"] or {}).items():
+                self.tensorboard.add_scalar(f"train/group_{name}_weight", value, self.step)
+
+    def _log_tensorboard(self, record: dict) -> None:
+        if self.tensorboard is None:
+            return
+        for split in ("val", "test"):
+            metrics = record.get(split)
+            if metrics is None:
+                continue
+            for name in ("acc", "worst_group_acc", "balanced_acc", "macro_f1"):
+                self.tensorboard.add_scalar(f"{split}/{name}", metrics[name], record["epoch"])
+            for group, value in metrics["group_acc"].items():
+                self.tensorboard.add_scalar(f"{split}/acc_group_{group}", value, record["epoch"])
+            for group, value in metrics["group_loss"].items():
+                self.tensorboard.add_scalar(f"{split}/loss_group_{group}", value, record["epoch"])
+            for cls, value in metrics["class_acc"].items():
+                self.tensorboard.add_scalar(f"{split}/acc_class_{cls}", value, record["epoch"])
+        self.tensorboard.flush()
+
+    def _checkpoint_payload(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "groupdro": None if self.groupdro is None else self.groupdro.state_dict(),
+            "rng": capture_rng_states(self.data_generator),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "wall_seconds": self.wall_seconds_before + time.time() - self.started,
+            "config": self.config.to_dict(),
+        }
+
+    def _save_checkpoints(self, improved: bool) -> None:
+        payload = self._checkpoint_payload()
+        if improved:
+            save_checkpoint(self.checkpoints / "best.pt", payload)
+        save_checkpoint(self.checkpoints / "last.pt", payload)
+
+    def finish(self) -> dict:
+        """Evaluate the selected checkpoint once on val and test; write summary.json."""
+        best_path = self.checkpoints / "best.pt"
+        selected = best_path if best_path.exists() else self.checkpoints / "last.pt"
+        state = load_checkpoint(selected, self.device)
+        self.model.load_state_dict(state["model"])
+        batch_size = self.config.eval_batch_size
+        summary = {
+            "run_id": self.run_dir.name,
+            "selected_epoch": state["epoch"],
+            "selected_checkpoint": selected.name,
+            "monitor": self.config.monitor,
+            "monitor_value": self.best_value,
+            "selection_split": self.selection_split,
+            "test_selection": self.selection_split == "test",
+            "epochs_run": self.epoch,
+            "val": evaluate(self.model, self.dataset, "val", self.device, batch_size),
+            "test": evaluate(self.model, self.dataset, "test", self.device, batch_size),
+            "wall_seconds": self.wall_seconds_before + time.time() - self.started,
+            "parameter_count": self.model.parameter_count(),
+            "groups": self.group_names,
+            "classes": list(self.dataset.class_names),
+            "group_sizes": {name: {split: len(getattr(group, split).y) for split in ("train", "val", "test")}
+                            for name, group in self.dataset.groups.items()},
+            "final_q": self._q_dict(),
+            "device": str(self.device),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "numpy": np.__version__, "tdro": sys.modules["tdro"].__version__},
+            "config_hash": self.config.result_hash(),
+        }
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return summary
+
+
+def train(config: Config, run_dir: Path | None = None) -> RunResult:
+    """Train a new run from a Config."""
+    trainer = Trainer(config, run_dir)
+    trainer.start()
+    return trainer.fit()
+
+
+def resume(run_dir: str | Path) -> RunResult:
+    """Resume a run from its directory (config.yaml and checkpoints/last.pt)."""
+    run_dir = Path(run_dir)
+    config = Config.load([run_dir / "config.yaml"])
+    trainer = Trainer(config, run_dir)
+    trainer.resume()
+    return trainer.fit()
