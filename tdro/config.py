@@ -36,7 +36,8 @@ MONITORS = ("val_worst_group_acc", "val_acc", "val_balanced_acc", "val_loss", "v
             "val_macro_f1", "test_worst_group_acc", "test_acc", "test_balanced_acc", "test_loss",
             "test_worst_group_loss", "test_macro_f1")
 # Keys that do not change what a run computes; left out of the config hash.
-NON_RESULT_KEYS = ("run_name", "output_dir", "progress", "log_interval", "tensorboard", "device")
+NON_RESULT_KEYS = ("run_name", "output_dir", "progress", "log_interval", "tensorboard", "device",
+                   "latent_samples_per_group")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Config:
     log_interval: int = key(50, "steps between records in steps.jsonl", low=1)
     tensorboard: bool = key(False, "also write TensorBoard events under the original tag names")
     max_nonfinite_steps: int = key(5, "non-finite losses in a row that stop the run", low=1)
+    latent_samples_per_group: int = key(200, "validation latents per group projected to 2-D each epoch for plots; 0 = off", low=0)
 
     # --- data keys ---
     dataset: str = key("digits", "dataset name", choices=("digits", "mnist_usps", "heart", "textcaps"))

@@ -160,3 +160,19 @@ def test_specs_reject_bad_group_entries(groups, match):
 def test_empty_model_is_rejected():
     with pytest.raises(ValueError, match="encoders must map at least one group"):
         MultiGroupModel({}, create_head(K, 2), GaussianAnchors(2, K))
+
+
+def test_visual_and_text_encoder_keys_switch_every_group_of_their_kind():
+    image = SimpleNamespace(name="visual", kind="image", encoder="cnn", input_info={"in_channels": 3},
+                            encoder_options={"pool_size": 4})
+    text = SimpleNamespace(name="text", kind="text", encoder="mlp_text", input_info={"vocab_size": 50, "max_len": 16},
+                           encoder_options={"hidden_dim": 32})
+    dataset = _dataset(image, text)
+    specs = resolve_encoder_specs(_config(visual_encoder="resnet_visual", text_encoder="char_cnn_text"), dataset)
+    assert specs == {"visual": ("resnet_visual", {}), "text": ("char_cnn_text", {})}
+    same = resolve_encoder_specs(_config(visual_encoder=None, text_encoder="mlp_text"), dataset)
+    assert same["text"] == ("mlp_text", {"hidden_dim": 32})
+    with pytest.raises(ValueError, match=r"key 'text_encoder' is 'char_cnn_text' but dataset 'tiny' has no text group"):
+        resolve_encoder_specs(_config(text_encoder="char_cnn_text"), DIGITS_LIKE)
+    with pytest.raises(ValueError, match=r"unknown encoder 'char_cnn'"):
+        resolve_encoder_specs(_config(text_encoder="char_cnn"), dataset)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tdro.models.anchors import GaussianAnchors
-from tdro.models.encoders import create_encoder, validate_encoder_options
+from tdro.models.encoders import ENCODERS, create_encoder, validate_encoder_options
 from tdro.models.heads import create_head
 from tdro.registry import unknown_choice_message
 
@@ -80,6 +80,17 @@ def resolve_encoder_specs(config: Any, dataset: Any) -> dict[str, EncoderSpec]:
     groups = dataset.groups
     names = list(groups)
     specs: dict[str, EncoderSpec] = {n: (g.encoder, dict(g.encoder_options)) for n, g in groups.items()}
+    for key, kind in (("visual_encoder", "image"), ("text_encoder", "text")):
+        encoder = getattr(config, key, None)
+        if encoder is None:
+            continue
+        kinds = [g.name for g in groups.values() if g.kind == kind]
+        if not kinds:
+            raise ValueError(f"key {key!r} is {encoder!r} but dataset {dataset.name!r} has no {kind} group "
+                             f"(its groups: {', '.join(f'{g.name} ({g.kind})' for g in groups.values())})")
+        ENCODERS.get(encoder)
+        for name in kinds:
+            specs[name] = (encoder, {} if encoder != specs[name][0] else specs[name][1])
     entries = list(config.groups or [])
     if not entries:
         return specs

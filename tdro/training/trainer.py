@@ -24,7 +24,7 @@ from tdro.objectives.anchor_losses import AnchorLoss
 from tdro.objectives.groupdro import GroupDRO, group_mean_losses
 from tdro.runs import append_jsonl, read_jsonl, write_json_atomic
 from tdro.training.checkpoint import capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
-from tdro.training.evaluation import evaluate
+from tdro.training.evaluation import collect_latents, evaluate
 from tdro.training.optim import create_optimizer
 from tdro.training.schedules import EpochSchedule
 
@@ -182,6 +182,8 @@ class Trainer:
             record.update(metrics, monitor={"name": config.monitor, "value": value, "improved": improved})
             append_jsonl(self.run_dir / "history.jsonl", record)
             self._log_tensorboard(record)
+            if config.latent_samples_per_group:
+                self._record_latents()
             self._save_checkpoints(improved)
             self.epoch += 1
             if config.early_stopping_patience and self.epochs_without_improvement >= config.early_stopping_patience:
@@ -336,6 +338,26 @@ class Trainer:
             for cls, value in metrics["class_acc"].items():
                 self.tensorboard.add_scalar(f"{split}/acc_class_{cls}", value, record["epoch"])
         self.tensorboard.flush()
+
+    def _record_latents(self) -> None:
+        """Validation latents and anchors projected on their first two principal axes, for the latent view."""
+        collected = collect_latents(self.model, self.dataset, "val", self.device, self.config.eval_batch_size,
+                                    max_per_group=self.config.latent_samples_per_group)
+        latents = torch.as_tensor(collected["latents"], dtype=torch.float64)
+        center = latents.mean(0)
+        _, singular_values, right = torch.linalg.svd(latents - center, full_matrices=False)
+        axes = right[:2].T
+        with torch.no_grad():
+            means = self.model.anchors.means.detach().double().cpu()
+            covariances = self.model.anchors.covariance().detach().double().cpu()
+        variance = singular_values**2
+        path = self.run_dir / "latents" / f"epoch_{self.epoch:03d}.npz"
+        path.parent.mkdir(exist_ok=True)
+        np.savez_compressed(
+            path, points=((latents - center) @ axes).numpy(), labels=collected["labels"], groups=collected["groups"],
+            means=((means - center) @ axes).numpy(), covariances=(axes.T @ covariances @ axes).numpy(),
+            group_names=np.array(self.group_names), class_names=np.array(list(self.dataset.class_names)),
+            explained_variance=(variance[:2] / variance.sum()).numpy())
 
     def _checkpoint_payload(self) -> dict:
         return {

@@ -1,0 +1,202 @@
+"""Per-class batch moments and squared 2-Wasserstein (Bures–Wasserstein) distances between Gaussians.
+
+W₂²(N(m₁,S₁), N(m₂,S₂)) = ‖m₁ − m₂‖² + tr S₁ + tr S₂ − 2 tr (S₁^½ S₂ S₁^½)^½ with principal roots.
+Every cross term here uses one identity: for ANY factor F with F Fᵀ = S₁, the matrix Fᵀ S₂ F is
+similar to S₁^½ S₂ S₁^½, so tr (S₁^½ S₂ S₁^½)^½ = Σ √eig(Fᵀ S₂ F). Eigenvalues come from
+``eigvalsh``, whose backward is V diag(g) Vᵀ: no division by eigenvalue gaps, so gradients stay
+finite when eigenvalues repeat (the reference's ``eigh`` roots did not; its first version even
+took the trace of a Cholesky factor of the product, which is not the Bures term).
+
+A batch class covariance Ŝ = XᵀX/(n−1) (X centred, n×k) has rank ≤ n−1 and needs no ridge:
+the principal root of a PSD matrix is well defined, so +εI appears only where a full-rank matrix
+is needed (the anchor covariance already carries it). With F = Xᵀ/√(n−1), the cross term against
+an anchor S = L̃L̃ᵀ + εI is Σ √eig(G) with the small n×n matrix G = (YYᵀ + εXXᵀ)/(n−1), Y = XL̃.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ClassMoments:
+    """Batch moments of each (group,) class with at least ``min_count`` samples, padded for batching.
+
+    Row p describes one class (or one (group, class) pair): ``centred[p, :counts[p]]`` holds its
+    centred latents, the rest is zero padding marked False in ``mask``.
+    """
+
+    means: torch.Tensor  # (P, k)
+    centred: torch.Tensor  # (P, n_max, k), zero in padded slots
+    mask: torch.Tensor  # (P, n_max) bool, True for real samples
+    counts: torch.Tensor  # (P,) int64
+    classes: torch.Tensor  # (P,) int64
+    groups: torch.Tensor | None  # (P,) int64 when computed per group, else None
+
+    @property
+    def num(self) -> int:
+        """Number of moment rows P."""
+        return self.means.shape[0]
+
+    def covariance(self) -> torch.Tensor:
+        """Unbiased covariances Ŝ (P,k,k), without ridge (rank ≤ n_c − 1)."""
+        dof = (self.counts - 1).to(self.centred.dtype)[:, None, None]
+        return self.centred.transpose(1, 2) @ self.centred / dof
+
+    def variance(self) -> torch.Tensor:
+        """Unbiased per-dimension variances (P,k), the diagonal of ``covariance()``."""
+        dof = (self.counts - 1).to(self.centred.dtype)[:, None]
+        return self.centred.square().sum(1) / dof
+
+
+def class_moments(
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    group_ids: torch.Tensor | None = None,
+    min_count: int = 2,
+) -> ClassMoments:
+    """Per-class means and centred samples by one sort and one scatter, pooled or per (group, class).
+
+    Classes with fewer than ``min_count`` samples (default 2: a covariance needs two) are left
+    out. Pass ``group_ids`` to get moments per (group, class) instead of pooled over groups.
+    Sizing the padded tensor reads two numbers back from the device.
+    """
+    if latents.dim() != 2:
+        raise ValueError(f"latents must have shape (N, k), got {tuple(latents.shape)}")
+    if labels.shape != latents.shape[:1]:
+        raise ValueError(f"labels must have shape ({latents.shape[0]},), got {tuple(labels.shape)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 2:
+        raise ValueError(f"min_count must be an integer >= 2, got {min_count!r}")
+    if group_ids is not None and group_ids.shape != labels.shape:
+        raise ValueError(f"group_ids must have shape {tuple(labels.shape)}, got {tuple(group_ids.shape)}")
+    n, k = latents.shape
+    device = latents.device
+    key = labels.long() if group_ids is None else group_ids.long() * num_classes + labels.long()
+    keys, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    kept = torch.nonzero(counts >= min_count).squeeze(1)
+    num = kept.numel()
+    kept_counts = counts[kept]
+    n_max = int(kept_counts.max()) if num else 0
+    # Row of every unique key among the kept ones; dropped keys go to a scratch row `num`.
+    row_of_key = torch.full_like(counts, num).index_copy_(0, kept, torch.arange(num, device=device))
+    order = torch.argsort(inverse, stable=True)
+    start = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(n, device=device) - start[inverse[order]]
+    rank = torch.empty_like(rank_sorted).index_copy_(0, order, rank_sorted)
+    width = max(n_max, min_count)  # dropped keys have rank < min_count − 1
+    flat = row_of_key[inverse] * width + rank
+    padded = latents.new_zeros((num + 1) * width, k).index_copy(0, flat, latents)
+    padded = padded.view(num + 1, width, k)[:num, :n_max]
+    mask = torch.arange(n_max, device=device) < kept_counts[:, None]
+    means = padded.sum(1) / kept_counts[:, None].to(latents.dtype)
+    centred = (padded - means[:, None, :]) * mask[..., None]
+    kept_keys = keys[kept]
+    if group_ids is None:
+        return ClassMoments(means, centred, mask, kept_counts, kept_keys, None)
+    return ClassMoments(means, centred, mask, kept_counts, kept_keys % num_classes, kept_keys // num_classes)
+
+
+def _sqrt_eigenvalue_sum(matrix: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Σ √λ over the eigenvalues of symmetric PSD matrices (…,n,n); λ at round-off level counts as 0.
+
+    ``scale`` (…) bounds the largest eigenvalue (a trace): eigenvalues below n·eps·scale are
+    indistinguishable from 0, and would otherwise give √'s infinite derivative at 0.
+    """
+    eigenvalues = torch.linalg.eigvalsh(matrix)
+    info = torch.finfo(matrix.dtype)
+    floor = (matrix.shape[-1] * info.eps * scale.detach()).clamp_min(info.tiny)[..., None]
+    real = eigenvalues > floor
+    return torch.where(real, torch.where(real, eigenvalues, 1.0).sqrt(), 0.0).sum(-1)
+
+
+def factored_bures_wasserstein_sq(
+    m1: torch.Tensor, cov1: torch.Tensor, m2: torch.Tensor, cov2: torch.Tensor, factor2: torch.Tensor
+) -> torch.Tensor:
+    """W₂² given a factor F₂ with F₂F₂ᵀ = S₂: the cross term is Σ √eig(F₂ᵀ S₁ F₂)."""
+    inner = factor2.transpose(-1, -2) @ cov1 @ factor2
+    trace_inner = inner.diagonal(dim1=-2, dim2=-1).sum(-1)
+    cross = _sqrt_eigenvalue_sum(inner, trace_inner)
+    traces = cov1.diagonal(dim1=-2, dim2=-1).sum(-1) + cov2.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return (m1 - m2).square().sum(-1) + traces - 2 * cross
+
+
+def bures_wasserstein_sq(m1: torch.Tensor, S1: torch.Tensor, m2: torch.Tensor, S2: torch.Tensor) -> torch.Tensor:
+    """Batched W₂² between N(m1,S1) and N(m2,S2) (means (…,k), covariances (…,k,k)).
+
+    Covariances must be symmetric PSD, and in each call one of the two arguments positive
+    definite throughout the batch (it supplies the Cholesky factor of the identity above).
+    """
+    if S1.shape != S2.shape or S1.shape[-1] != S1.shape[-2] or m1.shape != S1.shape[:-1] or m2.shape != m1.shape:
+        raise ValueError(
+            "expected means (..., k) and covariances (..., k, k) of matching shapes, got "
+            f"m1 {tuple(m1.shape)}, S1 {tuple(S1.shape)}, m2 {tuple(m2.shape)}, S2 {tuple(S2.shape)}"
+        )
+    factor2, info2 = torch.linalg.cholesky_ex(S2)
+    if not bool((info2 == 0).all()):
+        factor1, info1 = torch.linalg.cholesky_ex(S1)
+        if not bool((info1 == 0).all()):
+            raise ValueError("bures_wasserstein_sq needs S1 or S2 positive definite in every pair of the batch")
+        return factored_bures_wasserstein_sq(m2, S2, m1, S1, factor1)
+    return factored_bures_wasserstein_sq(m1, S1, m2, S2, factor2)
+
+
+def diagonal_bures_wasserstein_sq(
+    m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor
+) -> torch.Tensor:
+    """Closed-form W₂² for diagonal covariances given as variances (…,k): ‖m1−m2‖² + ‖√v1 − √v2‖²."""
+    return (m1 - m2).square().sum(-1) + (v1.sqrt() - v2.sqrt()).square().sum(-1)
+
+
+def lowrank_bures_wasserstein_sq(
+    moments: ClassMoments, anchor_means: torch.Tensor, anchor_factor: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """W₂² (P,) from each batch class Gaussian to its anchor N(m_c, L̃_cL̃_cᵀ + εI), from small matrices.
+
+    When n_max − 1 ≤ k the cross term is Σ √eig of the n×n matrix G = X S Xᵀ/(n−1); G·𝟙 = 0
+    (centring), so τ𝟙𝟙ᵀ/n on the real slots and τ on the diagonal of padded slots turn those
+    zero eigenvalues into exactly τ without touching the others, and their √τ are subtracted.
+    Otherwise (few dimensions, many samples) the k×k route with F = chol(S) is cheaper.
+    """
+    x = moments.centred
+    num, n_max, k = x.shape
+    classes = moments.classes
+    dof = (moments.counts - 1).to(x.dtype)
+    factor = anchor_factor[classes]
+    mean_term = (moments.means - anchor_means[classes]).square().sum(-1)
+    trace_batch = x.square().sum((1, 2)) / dof
+    trace_anchor = factor.square().sum((1, 2)) + k * eps
+    if n_max - 1 <= k:
+        y = x @ factor
+        gram = (y @ y.transpose(1, 2) + eps * (x @ x.transpose(1, 2))) / dof[:, None, None]
+        trace_gram = gram.diagonal(dim1=1, dim2=2).sum(-1).detach()
+        counts = moments.counts.to(x.dtype)
+        tau = (trace_gram / counts).clamp_min(torch.finfo(x.dtype).tiny)
+        valid = moments.mask.to(x.dtype)
+        unit = valid / counts.sqrt()[:, None]
+        gram = gram + tau[:, None, None] * (unit[:, :, None] * unit[:, None, :] + torch.diag_embed(1 - valid))
+        added = (n_max - counts + 1) * tau.sqrt()
+        cross = _sqrt_eigenvalue_sum(gram, trace_gram) - added
+    else:
+        eye = torch.eye(k, dtype=x.dtype, device=x.device)
+        chol = torch.linalg.cholesky(factor @ factor.transpose(1, 2) + eps * eye)
+        inner = chol.transpose(1, 2) @ moments.covariance() @ chol
+        cross = _sqrt_eigenvalue_sum(inner, inner.diagonal(dim1=1, dim2=2).sum(-1))
+    return mean_term + trace_batch + trace_anchor - 2 * cross
+
+
+def diagonal_moments_bures_wasserstein_sq(
+    moments: ClassMoments, anchor_means: torch.Tensor, anchor_variance: torch.Tensor
+) -> torch.Tensor:
+    """W₂² (P,) from each batch class's diagonal Gaussian (per-dimension variances) to its diagonal anchor.
+
+    √v̂ is computed as ‖X_{:,j}‖/√(n−1), a norm, so its gradient stays finite (zero) at v̂ = 0.
+    """
+    classes = moments.classes
+    dof = (moments.counts - 1).to(moments.centred.dtype)
+    batch_std = torch.linalg.vector_norm(moments.centred, dim=1) / dof.sqrt()[:, None]
+    mean_term = (moments.means - anchor_means[classes]).square().sum(-1)
+    return mean_term + (batch_std - anchor_variance[classes].sqrt()).square().sum(-1)

@@ -1,0 +1,166 @@
+"""End-to-end trainer checks on the real digits data: learning, records, non-finite steps, resume, CLI."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tdro.config import Config
+from tdro.runs import read_jsonl
+from tdro.training.checkpoint import load_checkpoint
+from tdro.training.trainer import NonFiniteLossError, Trainer, resume, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TIMING_KEYS = {"epoch_seconds", "samples_per_second", "peak_memory_mb"}
+
+
+def tiny(tmp_path: Path, **overrides) -> Config:
+    values = dict(output_dir=str(tmp_path / "runs"), progress=False, epochs=2, batch_size=64, latent_dim=16,
+                  head_hidden=0, latent_samples_per_group=20)
+    values.update(overrides)
+    return Config(**values)
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+
+
+def test_digits_run_with_groupdro_and_anchors_learns_and_writes_complete_records(tmp_path):
+    config = tiny(tmp_path, epochs=6, groupdro_enabled=True, groupdro_warmup_epochs=1, groupdro_eta=0.1,
+                  lambda_fit=0.1, lambda_sep=0.1, log_interval=5, lr=3e-3)
+    result = train(config)
+    run = result.run_dir
+    assert Config.load([run / "config.yaml"]) == config
+    history = read_jsonl(run / "history.jsonl")
+    assert [r["epoch"] for r in history] == list(range(6))
+    groups = result.summary["groups"]
+    for record in history:
+        assert set(record["train"]) >= {"loss", "cls", "fit", "sep", "acc", "group_loss"}
+        assert record["train"]["fit"] > 0 and record["train"]["sep"] > 0
+        assert set(record["q"]) == set(groups) and sum(record["q"].values()) == pytest.approx(1, abs=1e-5)
+        assert set(record["lr"]) == {"new"}
+        assert record["val"]["worst_group_acc"] == min(record["val"]["group_acc"].values())
+        assert record["samples_per_second"] > 0 and record["peak_memory_mb"] > 0
+    assert history[0]["q"] == {g: 1 / len(groups) for g in groups}, "warm-up holds q at its initial value"
+    assert history[-1]["q"] != history[0]["q"], "after warm-up q moves"
+    steps = read_jsonl(run / "steps.jsonl")
+    assert steps and all(s["q"] is not None for s in steps)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["selection_split"] == "val" and not summary["test_selection"]
+    assert summary["selected_epoch"] == max(range(6), key=lambda e: (history[e]["val"]["worst_group_acc"], -e))
+    assert summary["val"]["worst_group_acc"] == pytest.approx(history[summary["selected_epoch"]]["val"]["worst_group_acc"])
+    assert summary["test"]["worst_group_acc"] > 0.5, "10 classes: chance is 0.1"
+    assert summary["parameter_count"] > 0 and summary["wall_seconds"] > 0
+    latents = sorted((run / "latents").glob("epoch_*.npz"))
+    assert len(latents) == 6
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["epoch"] == summary["selected_epoch"]
+
+
+def test_test_selection_is_refused_unless_allowed_and_then_labelled(tmp_path):
+    config = tiny(tmp_path, epochs=1, monitor="test_acc", allow_test_selection=True)
+    summary = train(config).summary
+    assert summary["test_selection"] and summary["selection_split"] == "test"
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_checkpoint_intact(tmp_path):
+    config = tiny(tmp_path, epochs=3, max_nonfinite_steps=3)
+    trainer = Trainer(config)
+    trainer.start()
+    poisoned_steps = {"count": 0}
+
+    def poison(module, inputs, output):
+        """Corrupt the head's output: from epoch 1 on every step, in epoch 0 only the second step."""
+        poisoned_steps["count"] += 1
+        if trainer.epoch >= 1 or (module.training and poisoned_steps["count"] == 2):
+            return output * float("nan")
+        return output
+
+    trainer.model.head.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row .* at epoch 1"):
+        trainer.fit()
+    history = read_jsonl(trainer.run_dir / "history.jsonl")
+    assert [r["epoch"] for r in history] == [0]
+    assert history[0]["nonfinite_steps"] == 1
+    last = load_checkpoint(trainer.run_dir / "checkpoints" / "last.pt")
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_recorded_learning_rates_follow_the_schedule_per_parameter_group(tmp_path):
+    config = tiny(tmp_path, epochs=4, lr_start=1e-2, lr_end=1e-4)
+    run = train(config).run_dir
+    lrs = [r["lr"]["new"] for r in read_jsonl(run / "history.jsonl")]
+    assert lrs == pytest.approx([1e-2 + (1e-4 - 1e-2) * e / 3 for e in range(4)], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path):
+    overrides = {"output_dir": str(tmp_path / "runs"), "progress": False, "epochs": 4, "batch_size": 32,
+                 "latent_dim": 16, "groupdro_enabled": True, "groupdro_warmup_epochs": 1,
+                 "lambda_fit": 0.1, "lambda_sep": 0.1, "log_interval": 3, "latent_samples_per_group": 0}
+    reference = train(Config(run_name="reference", **overrides))
+    command = [sys.executable, "-m", "tdro", "train", "-p", "run_name", "killed"]
+    for name, value in overrides.items():
+        command += ["-p", name, json.dumps(value)]
+    killed_dir = tmp_path / "runs" / "killed"
+    rng = random.Random(os.getpid())
+    for attempt in range(5):
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        target_steps = rng.randint(3, 40)
+        while process.poll() is None and len(_complete_lines(killed_dir / "steps.jsonl")) < target_steps // 3:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if not (killed_dir / "summary.json").exists():
+            break
+        subprocess.run(["rm", "-rf", str(killed_dir)], check=True)
+    else:
+        pytest.fail("the run finished before it could be killed five times in a row")
+    resumed = resume(killed_dir)
+    ours = [without_timing(r) for r in read_jsonl(killed_dir / "history.jsonl")]
+    theirs = [without_timing(r) for r in read_jsonl(reference.run_dir / "history.jsonl")]
+    assert ours == theirs
+    assert read_jsonl(killed_dir / "steps.jsonl") == read_jsonl(reference.run_dir / "steps.jsonl")
+    assert resumed.summary["test"] == reference.summary["test"]
+    assert resumed.summary["val"] == reference.summary["val"]
+
+
+def _complete_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().split("\n")[:-1] if line]
+
+
+def test_cli_trains_and_reports_bad_input_in_one_line(tmp_path):
+    base = [sys.executable, "-m", "tdro", "train", "-p", "output_dir", str(tmp_path / "runs"), "-p", "progress", "false"]
+    done = subprocess.run(base + ["-p", "epochs", "1", "-p", "run_name", "cli"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "worst" in done.stdout and (tmp_path / "runs" / "cli" / "summary.json").exists()
+    shown = subprocess.run([sys.executable, "-m", "tdro", "show", str(tmp_path / "runs" / "cli")], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert shown.returncode == 0 and "selected epoch" in shown.stdout
+    bad = subprocess.run(base + ["-p", "latent_dm", "8"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: unknown key 'latent_dm' in parameters; did you mean 'latent_dim'?"]
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"epochs": 1, "run_name": "from-file"}))
+    again = subprocess.run(base + ["-f", str(params)], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "runs" / "from-file" / "summary.json").exists()
+
+
+def test_mnist_usps_on_the_real_files_trains_one_short_epoch(tmp_path):
+    config = tiny(tmp_path, dataset="mnist_usps", data_root=str(SHARED_DATA), epochs=1, batch_size=128)
+    summary = train(config).summary
+    assert set(summary["groups"]) >= {"mnist", "usps"}
+    assert summary["test"]["acc"] > 0.1
