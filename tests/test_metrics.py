@@ -122,3 +122,85 @@ def test_update_does_not_track_gradients() -> None:
     logits = torch.randn(8, 5, requires_grad=True)
     acc.update(0, logits, torch.arange(8) % 5)
     assert not acc.loss_sums.requires_grad and acc.compute()["group_size"]["mnist"] == 8
+
+
+# --- evaluate / collect_latents / forward_only on the real digits data and model ---
+
+@pytest.fixture(scope="module")
+def digits_and_model():
+    """The embedded digits dataset (four views) and an untrained MultiGroupModel built for it."""
+    from types import SimpleNamespace
+
+    from tdro.data.digits import build_digits
+    from tdro.models.multigroup import build_model
+
+    data_config = SimpleNamespace(
+        digits_groups=["image", "coarse", "masked", "flat"], digits_sizes=[200, 120, 80, 40],
+        digits_majority=[[0, 1], [2, 3], [4, 5], [6, 7]], majority_frac=0.8,
+        data_split_seed=0, test_frac=0.2, val_frac=0.15,
+    )
+    dataset = build_digits(data_config)
+    torch.manual_seed(0)
+    model_config = SimpleNamespace(groups=None, common_encoder=False, latent_dim=8, head_hidden=16,
+                                   head_dropout=0.3, anchor_eps=1e-4, anchor_covariance="full")
+    return dataset, build_model(model_config, dataset)
+
+
+def reference_outputs(model, dataset, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Latents, logits, labels and group ids from one whole-split forward per group, outside evaluate."""
+    model.eval()
+    latents, logits, labels, groups = [], [], [], []
+    with torch.no_grad():
+        for i, (name, group) in enumerate(dataset.groups.items()):
+            part = getattr(group, split)
+            z = model.encoders[name](part.x)
+            latents.append(z.numpy())
+            logits.append(model.head(z).numpy())
+            labels.append(part.y.numpy())
+            groups.append(np.full(len(part.y), i))
+    model.train()
+    return tuple(np.concatenate(a) for a in (latents, logits, labels, groups))
+
+
+def test_evaluate_matches_a_whole_split_reference(digits_and_model) -> None:
+    from tdro.training.evaluation import evaluate, forward_only
+
+    dataset, model = digits_and_model
+    model.train()
+    m = evaluate(model, dataset, "test", "cpu", batch_size=37)
+    assert model.training  # the caller's mode is restored
+    _, logits, labels, groups = reference_outputs(model, dataset, "test")
+    predictions = logits.argmax(1)
+    names = list(dataset.groups)
+    assert m["acc"] == pytest.approx(accuracy_score(labels, predictions))
+    assert [m["group_acc"][g] for g in names] == pytest.approx(
+        [accuracy_score(labels[groups == i], predictions[groups == i]) for i in range(len(names))])
+    ce = per_sample_ce(logits, labels)
+    assert [m["group_loss"][g] for g in names] == pytest.approx([ce[groups == i].mean() for i in range(len(names))],
+                                                                rel=1e-4)
+    assert m["confusion"] == confusion_matrix(labels, predictions, labels=list(range(10))).tolist()
+    assert m["group_size"] == {g: len(dataset.groups[g].test.y) for g in names}
+    assert evaluate(model, dataset, "test", "cpu", batch_size=1000)["group_confusion"] == m["group_confusion"]
+    assert forward_only(model, dataset, "test", "cpu", batch_size=37) == len(labels)
+    with pytest.raises(ValueError, match="unknown split"):
+        evaluate(model, dataset, "valid", "cpu", batch_size=8)
+
+
+def test_collect_latents(digits_and_model) -> None:
+    from tdro.training.evaluation import collect_latents
+
+    dataset, model = digits_and_model
+    latents, _, labels, groups = reference_outputs(model, dataset, "val")
+    out = collect_latents(model, dataset, "val", "cpu", batch_size=16)
+    np.testing.assert_allclose(out["latents"], latents, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["labels"], labels)
+    np.testing.assert_array_equal(out["group"], groups)
+    assert out["group_names"] == list(dataset.groups) and out["latents"].dtype == np.float32
+
+    capped = collect_latents(model, dataset, "val", "cpu", batch_size=16, max_per_group=5)
+    sizes = np.bincount(capped["group"], minlength=len(dataset.groups))
+    assert sizes.tolist() == [min(5, len(g.val.y)) for g in dataset.groups.values()]
+    first = dataset.groups["image"].val
+    positions = np.arange(5) * len(first.y) // 5
+    np.testing.assert_array_equal(capped["labels"][:5], first.y.numpy()[positions])
+    np.testing.assert_allclose(capped["latents"][:5], latents[:len(first.y)][positions], rtol=1e-5, atol=1e-6)

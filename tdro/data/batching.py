@@ -50,20 +50,15 @@ def group_quotas(sizes: Sequence[int], batch_size: int, mode: str = "proportiona
     return quotas
 
 
-def _permutation_stream(n: int, length: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``length`` positions from consecutive random permutations of range(n) (a group cycles)."""
-    repeats = math.ceil(length / n)
-    return torch.cat([torch.randperm(n, generator=generator) for _ in range(repeats)])[:length]
-
-
 class GroupStratifiedBatches:
-    """An epoch of group-stratified batches: ``{group: (x, y)}`` with each group's quota.
+    """Epochs of group-stratified batches: ``{group: (x, y)}`` with each group's quota.
 
-    An epoch has ``max_g ceil(n_g / quota_g)`` batches: the group that needs the most batches
-    (with proportional quotas, the largest group) is covered once, every other group at least
-    once, cycling through fresh permutations. Every batch holds every group's full quota, so the
-    last batch tops the covering group up from its next permutation. The order comes from
-    ``generator`` alone (pass a seeded ``torch.Generator`` for reproducible epochs).
+    An epoch covers the largest group once: ``ceil(n_largest / quota_largest)`` batches, from a
+    fresh permutation (the last batch is topped up from the next permutation, so every batch
+    holds every full quota). Every other group cycles: it reads a continuous stream of
+    permutations that carries over from one epoch to the next, so all its samples are used
+    equally often. The order comes from ``generator`` alone (pass a seeded
+    ``torch.Generator`` for reproducible epochs); iterating again starts the next epoch.
     """
 
     def __init__(self, dataset: GroupedDataset, split: str = "train", batch_size: int = 64,
@@ -79,19 +74,28 @@ class GroupStratifiedBatches:
         empty = [name for name, s in self.splits.items() if len(s) == 0]
         if empty:
             raise ValueError(f"groups {empty} have no {split} samples; cannot form group-stratified batches")
-        sizes = [len(s) for s in self.splits.values()]
-        self.quotas = dict(zip(self.splits, group_quotas(sizes, self.batch_size, mode)))
-        self.num_batches = max(math.ceil(len(s) / self.quotas[n]) for n, s in self.splits.items())
+        sizes = {name: len(s) for name, s in self.splits.items()}
+        self.quotas = dict(zip(self.splits, group_quotas(list(sizes.values()), self.batch_size, mode)))
+        self.largest = max(sizes, key=lambda name: sizes[name])  # first on ties
+        self.num_batches = math.ceil(sizes[self.largest] / self.quotas[self.largest])
+        self._streams = {name: torch.zeros(0, dtype=torch.long) for name in self.splits}
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def _draw(self, name: str, length: int) -> torch.Tensor:
+        n = len(self.splits[name])
+        stream = torch.zeros(0, dtype=torch.long) if name == self.largest else self._streams[name]
+        if len(stream) < length:
+            fresh = [torch.randperm(n, generator=self.generator) for _ in range(math.ceil((length - len(stream)) / n))]
+            stream = torch.cat([stream, *fresh])
+        self._streams[name] = stream[length:]
+        return stream[:length]
+
     def __iter__(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         orders = {}
         for name, split in self.splits.items():
-            quota = self.quotas[name]
-            order = _permutation_stream(len(split), self.num_batches * quota, self.generator)
-            order = order.view(self.num_batches, quota)
+            order = self._draw(name, self.num_batches * self.quotas[name]).view(self.num_batches, -1)
             # one transfer per epoch when the data live on an accelerator
             x_order = order.to(split.x.device) if isinstance(split.x, torch.Tensor) else order
             orders[name] = (x_order, order.to(split.y.device))

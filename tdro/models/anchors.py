@@ -43,16 +43,11 @@ class GaussianAnchors(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if covariance not in COVARIANCES:
             raise ValueError(unknown_choice_message("anchor covariance", covariance, list(COVARIANCES)))
-        for name, value, lowest in (("eps", eps, 0.0), ("init_scale", init_scale, 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= lowest:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if (
-            isinstance(mean_init_std, bool)
-            or not isinstance(mean_init_std, (int, float))
-            or not math.isfinite(mean_init_std)
-            or mean_init_std < 0
-        ):
-            raise ValueError(f"mean_init_std must be a finite number >= 0, got {mean_init_std!r}")
+        numbers = (("eps", eps, True), ("init_scale", init_scale, True), ("mean_init_std", mean_init_std, False))
+        for name, value, positive in numbers:
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not number or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
         self.num_classes = num_classes
         self.latent_dim = latent_dim
         self.eps = float(eps)
@@ -69,13 +64,25 @@ class GaussianAnchors(nn.Module):
         """Whether S_c is diagonal (closed-form losses apply)."""
         return self.covariance_type == "diagonal"
 
-    def factor(self) -> torch.Tensor:
-        """L̃ (C,k,k): L rescaled per class so its Frobenius norm lies in [1e-3, 10] (keeps S bounded)."""
+    def factor_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, s) with L̃_c = s_c·L_c, so losses can scale small products instead of the (C,k,k) tensor.
+
+        While no norm is clipped, s ≡ 1 has zero gradient; it is then returned as a constant, which
+        keeps the norm out of the backward pass (one read-back of C norms decides).
+        """
         if self.diagonal:
             raise ValueError("factor() needs covariance='full'; diagonal anchors have variance()")
+        low, high = FACTOR_NORM_RANGE
+        norm = torch.linalg.matrix_norm(self.L.detach())
+        if bool(((norm >= low) & (norm <= high)).all()):
+            return self.L, torch.ones_like(norm)
         norm = torch.linalg.matrix_norm(self.L).clamp_min(torch.finfo(self.L.dtype).tiny)
-        scale = norm.clamp(*FACTOR_NORM_RANGE) / norm
-        return self.L * scale[:, None, None]
+        return self.L, norm.clamp(low, high) / norm
+
+    def factor(self) -> torch.Tensor:
+        """L̃ (C,k,k): L rescaled per class so its Frobenius norm lies in [1e-3, 10] (keeps S bounded)."""
+        raw, scale = self.factor_parts()
+        return raw * scale[:, None, None]
 
     def variance(self) -> torch.Tensor:
         """Per-dimension variances (C,k), the diagonal of S (the whole of S for diagonal anchors)."""
@@ -101,4 +108,5 @@ class GaussianAnchors(nn.Module):
         if self.diagonal:
             return means + noise * self.variance().sqrt()[:, None, :]
         ridge_noise = torch.randn(shape, generator=generator, dtype=means.dtype, device=means.device)
-        return means + noise @ self.factor().transpose(-1, -2) + math.sqrt(self.eps) * ridge_noise
+        raw, scale = self.factor_parts()
+        return means + (noise @ raw.transpose(-1, -2)) * scale[:, None, None] + math.sqrt(self.eps) * ridge_noise

@@ -41,7 +41,8 @@ def fit_loss(
     if anchors.diagonal:
         distances = diagonal_moments_bures_wasserstein_sq(moments, anchors.means, anchors.variance())
     else:
-        distances = lowrank_bures_wasserstein_sq(moments, anchors.means, anchors.factor(), anchors.eps)
+        raw, scale = anchors.factor_parts()
+        distances = lowrank_bures_wasserstein_sq(moments, anchors.means, raw, anchors.eps, scale)
     if not per_group_fit:
         return distances.mean()
     _, group_index, rows_per_group = torch.unique(moments.groups, return_inverse=True, return_counts=True)
@@ -91,7 +92,8 @@ class AnchorLoss:
         per_group_fit: bool = False,
     ) -> None:
         for name, value in (("lambda_fit", lambda_fit), ("lambda_sep", lambda_sep), ("margin", margin)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not number or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if sep_method not in SEPARATION_METHODS:
             raise ValueError(unknown_choice_message("sep_method", sep_method, list(SEPARATION_METHODS)))

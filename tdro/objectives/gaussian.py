@@ -61,7 +61,8 @@ def class_moments(
 
     Classes with fewer than ``min_count`` samples (default 2: a covariance needs two) are left
     out. Pass ``group_ids`` to get moments per (group, class) instead of pooled over groups.
-    Sizing the padded tensor reads two numbers back from the device.
+    Rows are sorted by (group, class) key. Sizing the padded tensor reads a few numbers back from
+    the device in one transfer (besides ``torch.unique``).
     """
     if latents.dim() != 2:
         raise ValueError(f"latents must have shape (N, k), got {tuple(latents.shape)}")
@@ -75,12 +76,29 @@ def class_moments(
         raise ValueError(f"group_ids must have shape {tuple(labels.shape)}, got {tuple(group_ids.shape)}")
     n, k = latents.shape
     device = latents.device
-    key = labels.long() if group_ids is None else group_ids.long() * num_classes + labels.long()
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        mask = torch.zeros(0, 0, dtype=torch.bool, device=device)
+        groups = None if group_ids is None else empty
+        means, centred = latents.new_zeros(0, k), latents.new_zeros(0, 0, k)
+        return ClassMoments(means, centred, mask, empty, empty, groups)
+    labels = labels.long()
+    key = labels if group_ids is None else group_ids.long() * num_classes + labels
     keys, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
-    kept = torch.nonzero(counts >= min_count).squeeze(1)
-    num = kept.numel()
+    enough = counts >= min_count
+    lowest_group = key.new_zeros(()) if group_ids is None else group_ids.min().long()
+    largest = torch.where(enough, counts, 0).max()
+    summary = torch.stack([enough.sum(), largest, labels.min(), labels.max(), lowest_group]).tolist()
+    num, n_max, lowest_label, highest_label, lowest_group = summary
+    if lowest_label < 0 or highest_label >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for num_classes={num_classes}, "
+            f"got values from {lowest_label} to {highest_label}"
+        )
+    if lowest_group < 0:
+        raise ValueError(f"group_ids must be >= 0, got {lowest_group}")
+    kept = torch.nonzero_static(enough, size=num).squeeze(1)
     kept_counts = counts[kept]
-    n_max = int(kept_counts.max()) if num else 0
     # Row of every unique key among the kept ones; dropped keys go to a scratch row `num`.
     row_of_key = torch.full_like(counts, num).index_copy_(0, kept, torch.arange(num, device=device))
     order = torch.argsort(inverse, stable=True)
@@ -114,13 +132,12 @@ def _sqrt_eigenvalue_sum(matrix: torch.Tensor, scale: torch.Tensor) -> torch.Ten
 
 
 def factored_bures_wasserstein_sq(
-    m1: torch.Tensor, cov1: torch.Tensor, m2: torch.Tensor, cov2: torch.Tensor, factor2: torch.Tensor
+    m1: torch.Tensor, S1: torch.Tensor, m2: torch.Tensor, S2: torch.Tensor, factor2: torch.Tensor
 ) -> torch.Tensor:
-    """W₂² given a factor F₂ with F₂F₂ᵀ = S₂: the cross term is Σ √eig(F₂ᵀ S₁ F₂)."""
-    inner = factor2.transpose(-1, -2) @ cov1 @ factor2
-    trace_inner = inner.diagonal(dim1=-2, dim2=-1).sum(-1)
-    cross = _sqrt_eigenvalue_sum(inner, trace_inner)
-    traces = cov1.diagonal(dim1=-2, dim2=-1).sum(-1) + cov2.diagonal(dim1=-2, dim2=-1).sum(-1)
+    """W₂² given any F₂ with F₂F₂ᵀ = S₂, so a Cholesky factor per anchor serves every pair it is in."""
+    inner = factor2.transpose(-1, -2) @ S1 @ factor2
+    cross = _sqrt_eigenvalue_sum(inner, inner.diagonal(dim1=-2, dim2=-1).sum(-1))
+    traces = S1.diagonal(dim1=-2, dim2=-1).sum(-1) + S2.diagonal(dim1=-2, dim2=-1).sum(-1)
     return (m1 - m2).square().sum(-1) + traces - 2 * cross
 
 
@@ -152,10 +169,16 @@ def diagonal_bures_wasserstein_sq(
 
 
 def lowrank_bures_wasserstein_sq(
-    moments: ClassMoments, anchor_means: torch.Tensor, anchor_factor: torch.Tensor, eps: float
+    moments: ClassMoments,
+    anchor_means: torch.Tensor,
+    anchor_factor: torch.Tensor,
+    eps: float,
+    factor_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W₂² (P,) from each batch class Gaussian to its anchor N(m_c, L̃_cL̃_cᵀ + εI), from small matrices.
 
+    L̃_c = s_c·anchor_factor_c with s = ``factor_scale`` (C,) (default 1): the scale is applied to
+    the small products, so the (C,k,k) factor is only read by matrix products.
     When n_max − 1 ≤ k the cross term is Σ √eig of the n×n matrix G = X S Xᵀ/(n−1); G·𝟙 = 0
     (centring), so τ𝟙𝟙ᵀ/n on the real slots and τ on the diagonal of padded slots turn those
     zero eigenvalues into exactly τ without touching the others, and their √τ are subtracted.
@@ -164,13 +187,20 @@ def lowrank_bures_wasserstein_sq(
     x = moments.centred
     num, n_max, k = x.shape
     classes = moments.classes
+    if factor_scale is None:
+        factor_scale = anchor_factor.new_ones(anchor_factor.shape[0])
+    # (F*F).sum: Tensor.square's backward makes three passes over (C,k,k), a product two.
+    factor_norm_sq = (anchor_factor * anchor_factor).sum((1, 2))
+    trace_anchor = (factor_norm_sq * factor_scale.square()).index_select(0, classes) + k * eps
+    scale = factor_scale.index_select(0, classes)[:, None, None]
+    # Pooled rows are sorted unique in-range classes, so P = C means row c is class c: no gather.
+    every_class = moments.groups is None and num == anchor_factor.shape[0]
+    factor = anchor_factor if every_class else anchor_factor.index_select(0, classes)
     dof = (moments.counts - 1).to(x.dtype)
-    factor = anchor_factor[classes]
-    mean_term = (moments.means - anchor_means[classes]).square().sum(-1)
+    mean_term = (moments.means - anchor_means.index_select(0, classes)).square().sum(-1)
     trace_batch = x.square().sum((1, 2)) / dof
-    trace_anchor = factor.square().sum((1, 2)) + k * eps
     if n_max - 1 <= k:
-        y = x @ factor
+        y = (x @ factor) * scale
         gram = (y @ y.transpose(1, 2) + eps * (x @ x.transpose(1, 2))) / dof[:, None, None]
         trace_gram = gram.diagonal(dim1=1, dim2=2).sum(-1).detach()
         counts = moments.counts.to(x.dtype)
@@ -181,6 +211,7 @@ def lowrank_bures_wasserstein_sq(
         added = (n_max - counts + 1) * tau.sqrt()
         cross = _sqrt_eigenvalue_sum(gram, trace_gram) - added
     else:
+        factor = factor * scale
         eye = torch.eye(k, dtype=x.dtype, device=x.device)
         chol = torch.linalg.cholesky(factor @ factor.transpose(1, 2) + eps * eye)
         inner = chol.transpose(1, 2) @ moments.covariance() @ chol
@@ -198,5 +229,5 @@ def diagonal_moments_bures_wasserstein_sq(
     classes = moments.classes
     dof = (moments.counts - 1).to(moments.centred.dtype)
     batch_std = torch.linalg.vector_norm(moments.centred, dim=1) / dof.sqrt()[:, None]
-    mean_term = (moments.means - anchor_means[classes]).square().sum(-1)
-    return mean_term + (batch_std - anchor_variance[classes].sqrt()).square().sum(-1)
+    mean_term = (moments.means - anchor_means.index_select(0, classes)).square().sum(-1)
+    return mean_term + (batch_std - anchor_variance.index_select(0, classes).sqrt()).square().sum(-1)

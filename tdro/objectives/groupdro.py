@@ -29,14 +29,16 @@ def group_mean_losses(
     return sums / counts.clamp_min(1).to(per_sample_loss.dtype), counts > 0
 
 
-def _number(name: str, value: object, low: float, high: float = math.inf, low_open: bool = False) -> float:
+def _number(
+    name: str, value: object, low: float, high: float = math.inf, low_open: bool = False, why: str = ""
+) -> float:
     """A finite real in [low, high] (or (low, high]), else a ValueError naming it and the range."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and value <= high
     if not ok:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number in {interval}{why}, got {value!r}")
     return float(value)
 
 
@@ -82,7 +84,9 @@ class GroupDRO:
             raise ValueError(unknown_choice_message("groupdro init", init, list(INITS)))
         self.eta = _number("eta", eta, 0.0, low_open=True)
         self.gamma = _number("gamma", gamma, 0.0, 1.0)
-        self.min_group_weight = _number("min_group_weight", min_group_weight, 0.0, 1.0 / num_groups)
+        self.min_group_weight = _number(
+            "min_group_weight", min_group_weight, 0.0, 1.0 / num_groups, why=" (num_groups × floor ≤ 1)"
+        )
         self.adjustment = _number("adjustment", adjustment, 0.0)
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
@@ -92,7 +96,10 @@ class GroupDRO:
         self.warmup_epochs = warmup_epochs
         sizes = None
         if group_sizes is not None:
-            sizes = torch.as_tensor(group_sizes, dtype=torch.float32)
+            try:
+                sizes = torch.as_tensor(group_sizes, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                sizes = torch.zeros(0)
             if sizes.shape != (num_groups,) or not bool(torch.isfinite(sizes).all() and (sizes > 0).all()):
                 raise ValueError(f"group_sizes must be {num_groups} positive numbers, got {group_sizes!r}")
         for needs, what in ((init == "proportional", "init='proportional'"), (self.adjustment > 0, "adjustment > 0")):
@@ -166,5 +173,7 @@ class GroupDRO:
         """Restore the weights saved by ``state_dict`` (on the device they are next used on)."""
         log_weights = state.get("log_weights") if isinstance(state, dict) else None
         if not isinstance(log_weights, torch.Tensor) or log_weights.shape != (self.num_groups,):
-            raise ValueError(f"GroupDRO state must hold 'log_weights' of shape ({self.num_groups},), got {state!r}")
+            raise ValueError(
+                f"GroupDRO state must hold 'log_weights' of shape ({self.num_groups},), got {state!r}"
+            )
         self._log_weights = log_weights.detach().to(self._log_weights.device, torch.float32).clone()

@@ -354,7 +354,7 @@ class Trainer:
         path = self.run_dir / "latents" / f"epoch_{self.epoch:03d}.npz"
         path.parent.mkdir(exist_ok=True)
         np.savez_compressed(
-            path, points=((latents - center) @ axes).numpy(), labels=collected["labels"], groups=collected["groups"],
+            path, points=((latents - center) @ axes).numpy(), labels=collected["labels"], groups=collected["group"],
             means=((means - center) @ axes).numpy(), covariances=(axes.T @ covariances @ axes).numpy(),
             group_names=np.array(self.group_names), class_names=np.array(list(self.dataset.class_names)),
             explained_variance=(variance[:2] / variance.sum()).numpy())

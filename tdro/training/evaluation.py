@@ -1,0 +1,135 @@
+"""Evaluation over one split: fixed-order per-group batches through the group's encoder and the head.
+
+Inputs move to the device once per batch, labels once per group; metrics are accumulated on the
+device (``MetricAccumulator``) and reach the CPU once per evaluation.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tdro.training.metrics import MetricAccumulator
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    """A batch tensor, or a tuple of them (paired inputs), on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return tuple(_to_device(part, device) for part in x)
+
+
+@contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode under torch.inference_mode, restoring the model's previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _forward_batches(
+    model: nn.Module,
+    parts: Mapping[str, Any],
+    device: torch.device,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(group index, latents, logits, labels on the device) per batch; groups in order, samples in stored order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for index, (name, part) in enumerate(parts.items()):
+        labels = part.y.to(device)
+        for start in range(0, len(labels), batch_size):
+            stop = min(start + batch_size, len(labels))
+            x = part.x[start:stop] if isinstance(part.x, torch.Tensor) else part.x[torch.arange(start, stop)]
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                latents, logits = model({name: _to_device(x, device)})
+            yield index, latents[name], logits[name], labels[start:stop]
+
+
+def _split_parts(dataset: Any, split: str) -> dict[str, Any]:
+    """Each group's Split for ``split`` (train, val or test), in dataset order."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; allowed: train, val, test")
+    return {name: getattr(group, split) for name, group in dataset.groups.items()}
+
+
+def _stacked(chunks: list[torch.Tensor], empty: torch.Tensor) -> np.ndarray:
+    """Concatenated device chunks as one numpy array (``empty`` when there are none)."""
+    return (torch.cat(chunks) if chunks else empty).cpu().numpy()
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    split: str,
+    device: torch.device | str,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """METRICS (ARCHITECTURE.md) of ``model`` on one split of every group, with per-sample cross-entropy."""
+    device = torch.device(device)
+    accumulator = MetricAccumulator(list(dataset.groups), list(dataset.class_names), device)
+    with _inference(model):
+        for index, _, logits, labels in _forward_batches(
+            model, _split_parts(dataset, split), device, batch_size, autocast_dtype
+        ):
+            accumulator.update(index, logits, labels)
+    return accumulator.compute()
+
+
+def forward_only(
+    model: nn.Module, dataset: Any, split: str, device: torch.device | str, batch_size: int
+) -> int:
+    """The bare forward pass of ``evaluate`` (same batching, no metrics); returns the number of samples."""
+    device = torch.device(device)
+    samples = 0
+    with _inference(model):
+        for _, _, logits, _ in _forward_batches(model, _split_parts(dataset, split), device, batch_size, None):
+            samples += len(logits)
+    return samples
+
+
+def collect_latents(
+    model: nn.Module,
+    dataset: Any,
+    split: str,
+    device: torch.device | str,
+    batch_size: int,
+    max_per_group: int | None = None,
+) -> dict[str, Any]:
+    """Latents (N, k) float32, labels (N,) and group index (N,) as numpy arrays, plus group and class names.
+
+    ``max_per_group`` keeps that many evenly spaced samples of each larger group (deterministic).
+    """
+    device = torch.device(device)
+    parts = _split_parts(dataset, split)
+    if max_per_group is not None:
+        if max_per_group < 1:
+            raise ValueError(f"max_per_group must be at least 1 or None, got {max_per_group}")
+        parts = {
+            name: part if len(part.y) <= max_per_group
+            else part.subset(torch.arange(max_per_group) * len(part.y) // max_per_group)
+            for name, part in parts.items()
+        }
+    latents, labels, groups = [], [], []
+    with _inference(model):
+        for index, z, _, y in _forward_batches(model, parts, device, batch_size, None):
+            latents.append(z.float())
+            labels.append(y)
+            groups.append(torch.full_like(y, index))
+    return {
+        "latents": _stacked(latents, torch.zeros(0, 0)),
+        "labels": _stacked(labels, torch.zeros(0, dtype=torch.int64)),
+        "group": _stacked(groups, torch.zeros(0, dtype=torch.int64)),
+        "group_names": list(parts),
+        "class_names": list(dataset.class_names),
+    }
