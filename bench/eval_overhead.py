@@ -2,7 +2,9 @@
 
 Two in-memory datasets of random tensors: (a) CNN image encoders, two groups of 28×28 and 16×16
 images; (b) tabular MLP encoders, four groups with heart's per-site input widths. Forward-only
-and full evaluation runs are interleaved (alternating which goes first) and medians compared.
+and full evaluation runs are interleaved (alternating which goes first) and medians compared; the
+ratio of median wall times is judged, the ratio of median process-CPU times is printed beside it
+(steadier on a shared machine).
 Targets: ≤ 1.02 (CNN) and ≤ 1.1 (tabular).
 
     python bench/eval_overhead.py [--device cpu] [--repeats-cnn 5] [--repeats-tabular 40]
@@ -47,13 +49,13 @@ def random_model(dataset: GroupedDataset, options: dict[str, dict]) -> MultiGrou
     return MultiGroupModel(encoders, create_head(LATENT, classes, HEAD_HIDDEN), GaussianAnchors(classes, LATENT))
 
 
-def timed(run: Callable[[], object], device: torch.device) -> float:
-    """Wall seconds of one call, synchronising the device before stopping the clock."""
-    start = time.perf_counter()
+def timed(run: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Wall and process-CPU seconds of one call, synchronising the device before stopping the clocks."""
+    wall, cpu = time.perf_counter(), time.process_time()
     run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def overhead(name: str, dataset: GroupedDataset, model: MultiGroupModel, device: torch.device,
@@ -67,17 +69,18 @@ def overhead(name: str, dataset: GroupedDataset, model: MultiGroupModel, device:
     }
     for call in calls.values():  # warm-up (allocator, kernels, lazy imports)
         timed(call, device)
-    times: dict[str, list[float]] = {k: [] for k in calls}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}
     for r in range(repeats):
         order = list(calls) if r % 2 == 0 else list(calls)[::-1]
         for key in order:
             times[key].append(timed(calls[key], device))
-    forward, full = statistics.median(times["forward"]), statistics.median(times["evaluate"])
+    (forward, forward_cpu), (full, full_cpu) = (
+        (statistics.median(t[0] for t in times[k]), statistics.median(t[1] for t in times[k])) for k in calls)
     ratio = full / forward
     samples = sum(len(g.val.y) for g in dataset.groups.values())
     ok = ratio <= target
     print(f"{name:<34} {samples:>6} {forward * 1e3:>11.2f} {full * 1e3:>11.2f} {ratio:>7.3f} "
-          f"{target:>7.2f}  {'ok' if ok else 'ABOVE TARGET'}")
+          f"{full_cpu / forward_cpu:>9.3f} {target:>7.2f}  {'ok' if ok else 'ABOVE TARGET'}")
     return ok
 
 
@@ -100,7 +103,7 @@ def main() -> None:
     mlp = random_model(tabular, {n: {"hidden_dim": 64, "dropout": 0.1} for n in HEART_INPUT_DIMS})
 
     print(f"device {device}, {torch.get_num_threads()} CPU threads, eval batch {args.batch_size}; medians")
-    print(f"{'case':<34} {'n':>6} {'forward ms':>11} {'eval ms':>11} {'ratio':>7} {'target':>7}")
+    print(f"{'case':<34} {'n':>6} {'forward ms':>11} {'eval ms':>11} {'ratio':>7} {'cpu ratio':>9} {'target':>7}")
     results = [
         overhead("(a) cnn 28x28 + 16x16, 2 groups", images, cnn, device, args.batch_size, args.repeats_cnn, 1.02),
         overhead("(b) mlp_tabular, 4 groups", tabular, mlp, device, args.batch_size, args.repeats_tabular, 1.10),

@@ -2,14 +2,16 @@
 
 Every variant is a full step (forward, loss, backward, Adam step) of two per-group `cnn` encoders
 on 28×28 inputs (64 + 64 samples, 10 classes) and a linear head. All variants run in one process,
-interleaved round-robin, so load from other processes hits them alike; the table shows medians.
+interleaved: each round runs the variants of one latent size back to back in random order, so load
+from other processes hits them alike, and ratios are taken within a round.
 Targets with full covariance: anchors + GroupDRO ≤ 1.15× ERM at latent 64, ≤ 1.3× at 256.
 
-    python bench/step_overhead.py [--rounds 25] [--latents 64 128 256]
+    python bench/step_overhead.py [--rounds 25] [--latents 64 128 256] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +27,13 @@ from tdro.objectives.groupdro import GroupDRO, group_mean_losses
 
 NUM_CLASSES, GROUP_BATCH, NUM_GROUPS = 10, 64, 2
 INPUT_INFO = {"in_channels": 1, "image_size": (28, 28)}
+COVARIANCES = ("full", "diagonal")
+# variant name -> (anchor covariance or None, GroupDRO on)
+VARIANT_SETTINGS = {
+    "erm": (None, False),
+    **{f"{c} anchors": (c, False) for c in COVARIANCES},
+    **{f"{c} anchors+groupdro": (c, True) for c in COVARIANCES},
+}
 
 
 def make_step(latent_dim: int, covariance: str | None, groupdro: bool, seed: int) -> Callable[[], None]:
@@ -70,34 +79,48 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=25, help="timed round-robin rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--latents", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    variants: dict[tuple[int, str, str], Callable[[], None]] = {}
-    for latent in args.latents:
-        variants[latent, "-", "erm"] = make_step(latent, None, False, seed=0)
-        for covariance in ("full", "diagonal"):
-            variants[latent, covariance, "anchors"] = make_step(latent, covariance, False, seed=0)
-            variants[latent, covariance, "anchors+groupdro"] = make_step(latent, covariance, True, seed=0)
-    times: dict[tuple[int, str, str], list[float]] = {key: [] for key in variants}
+    names = list(VARIANT_SETTINGS)
+    steps = {
+        (latent, name): make_step(latent, *VARIANT_SETTINGS[name], seed=0) for latent in args.latents for name in names
+    }
+    times: dict[tuple[int, str], list[float]] = {key: [] for key in steps}
+    ratios: dict[tuple[int, str], list[float]] = {key: [] for key in steps}
+    order = random.Random(0)
     for round_index in range(args.warmup + args.rounds):
-        for key, step in variants.items():
-            start = time.perf_counter()
-            step()
-            elapsed = time.perf_counter() - start
+        for latent in args.latents:
+            shuffled = order.sample(names, len(names))  # no variant always runs right after another
+            elapsed = {}
+            for name in shuffled:
+                start = time.perf_counter()
+                steps[latent, name]()
+                elapsed[name] = (time.perf_counter() - start) * 1e3
             if round_index >= args.warmup:
-                times[key].append(elapsed * 1e3)
-    median = {key: statistics.median(values) for key, values in times.items()}
+                for name, ms in elapsed.items():
+                    times[latent, name].append(ms)
+                    ratios[latent, name].append(ms / elapsed["erm"])
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {NUM_GROUPS}×{GROUP_BATCH} 28×28, "
-          f"{NUM_CLASSES} classes, median of {args.rounds} interleaved rounds (ms per step)")
-    print(f"{'latent':>6} {'anchors':>8} {'ERM':>8} {'+anchors':>8} {'ratio':>6} {'+GroupDRO':>9} {'ratio':>6}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {NUM_GROUPS}×{GROUP_BATCH} 28×28, "
+        f"{NUM_CLASSES} classes, {args.rounds} rounds, variants of one latent size back to back in random order"
+    )
+    print("ms: median step time; ratio: median over rounds of (variant / ERM in the same round); min ratio: ratio of")
+    print("the fastest steps (least disturbed by other processes)")
+    header = f"{'latent':>6} {'anchors':>8} {'variant':>17} {'ms':>7} {'ratio':>6} {'min ratio':>9}"
+    print(header)
+    print("-" * len(header))
     for latent in args.latents:
-        erm = median[latent, "-", "erm"]
-        for covariance in ("full", "diagonal"):
-            anchored = median[latent, covariance, "anchors"]
-            robust = median[latent, covariance, "anchors+groupdro"]
-            print(f"{latent:>6} {covariance:>8} {erm:8.1f} {anchored:8.1f} {anchored / erm:6.3f} "
-                  f"{robust:9.1f} {robust / erm:6.3f}")
+        erm_best = min(times[latent, "erm"])
+        for name in names:
+            covariance, variant = name.split(" ") if " " in name else ("-", name)
+            print(
+                f"{latent:>6} {covariance:>8} {variant:>17} {statistics.median(times[latent, name]):7.1f} "
+                f"{statistics.median(ratios[latent, name]):6.3f} {min(times[latent, name]) / erm_best:9.3f}"
+            )
 
 
 if __name__ == "__main__":

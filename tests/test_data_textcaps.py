@@ -253,3 +253,42 @@ def test_huggingface_source_without_package_or_network(root, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     with pytest.raises(DataFileError, match=r"could not load lmms-lab/TextCaps.*offline.*textcaps_source: local"):
         build_dataset(cfg(root, textcaps_source="huggingface"))
+
+
+class FakeTable:
+    """The part of a datasets.Dataset that the loader uses: metadata columns and lazy image rows."""
+
+    def __init__(self, records, images):
+        self.records, self.images, self._fingerprint = records, images, "fake"
+        self.column_names = ["image", "image_id", "image_classes", "caption_str", "reference_strs"]
+        self.decoded = 0
+
+    def select_columns(self, columns):
+        table = self
+
+        class Selected:
+            def to_list(self):
+                return [{c: r.get(c) for c in columns} for r in table.records]
+
+        return Selected()
+
+    def __getitem__(self, row):
+        self.decoded += 1
+        return {**self.records[row], "image": self.images[row]}
+
+
+def test_huggingface_source_with_a_stand_in_package(monkeypatch):
+    data = {split: json.loads((SHARED / f"TextCaps_0.1_{split}.json_samples.json").read_text())["data"]
+            for split in ("train", "val")}
+    tables = {split: FakeTable(records, [Image.new("RGB", (20, 10), SOLID)] * len(records))
+              for split, records in data.items()}
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda name: tables))
+    ds = build_dataset(Config(dataset="textcaps", textcaps_source="huggingface", image_size=16,
+                              textcaps_num_classes=3))
+    assert tables["train"].decoded == 0  # class derivation reads metadata only
+    assert ds.class_names == ["Person", "Boy", "Laptop"]
+    expected_test = len({r["image_id"] for r in data["val"] if r["image_classes"][0] in ds.class_names})
+    assert len(ds.groups["visual"].test) == len(ds.groups["text"].test) == expected_test
+    images = ds.groups["visual"].test.x[torch.arange(3)]
+    expected = (torch.tensor(SOLID) / 255.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert images.shape == (3, 3, 16, 16) and torch.allclose(images.mean((0, 2, 3)), expected, atol=0.03)

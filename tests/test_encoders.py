@@ -41,7 +41,8 @@ def test_every_encoder_returns_batch_by_latent_dim(name, input_info, options, sh
 
 def test_registry_holds_the_documented_encoders():
     assert ENCODERS.names() == sorted(
-        ["cnn", "resnet_visual", "mlp_text", "char_cnn_text", "transformer_text", "mlp_tabular", "features"]
+        ["cnn", "resnet_visual", "mlp_text", "char_cnn_text", "transformer_text", "mlp_tabular", "features",
+         "fusion"]
     )
 
 
@@ -188,3 +189,13 @@ def test_pretrained_resnet_rejects_a_file_that_is_not_resnet18(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="does not hold a torchvision ResNet-18 state_dict"):
         create_encoder("resnet_visual", K, pretrained=True, weights_path=str(tmp_path / "bad.pth"))
+
+
+def test_fusion_encodes_an_image_caption_pair_with_the_visual_trunk_as_backbone():
+    fusion = create_encoder("fusion", K, {"in_channels": 3, "image_size": 32, "vocab_size": 50, "max_len": 16})
+    images, tokens = torch.randn(3, 3, 32, 32), torch.randint(0, 50, (3, 16))
+    assert fusion((images, tokens)).shape == (3, K)
+    assert fusion.backbone is fusion.visual.backbone and fusion.backbone is not None
+    cached = create_encoder("fusion", K, {"feature_dim": 512, "vocab_size": 50, "max_len": 16}, text_encoder="char_cnn_text")
+    assert cached((torch.randn(2, 512), torch.randint(0, 50, (2, 16)))).shape == (2, K)
+    assert cached.backbone is None

@@ -25,7 +25,8 @@ def fake_metrics(seed: int) -> dict:
     """A real METRICS dict from random counts."""
     rng = np.random.default_rng(seed)
     counts = rng.integers(0, 20, size=(2, 3, 3))
-    return metrics_from_counts(counts, rng.uniform(1, 5, size=2) * counts.sum(axis=(1, 2)), GROUPS, CLASSES)
+    losses = rng.uniform(1, 5, size=2) * counts.sum(axis=(1, 2))
+    return metrics_from_counts(counts.tolist(), losses.tolist(), GROUPS, CLASSES)
 
 
 def write_run(root: Path, name: str, config: dict, epochs: int, groupdro: bool, finished: bool) -> Path:

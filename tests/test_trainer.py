@@ -164,3 +164,16 @@ def test_mnist_usps_on_the_real_files_trains_one_short_epoch(tmp_path):
     summary = train(config).summary
     assert set(summary["groups"]) >= {"mnist", "usps"}
     assert summary["test"]["acc"] > 0.1
+
+
+def test_textcaps_with_a_combined_group_trains_end_to_end(tmp_path):
+    from test_data_textcaps import make_root
+
+    root = make_root(tmp_path / "textcaps")
+    config = tiny(tmp_path, dataset="textcaps", data_root=str(root), image_size=32, textcaps_num_classes=3,
+                  include_combined_group=True, epochs=1, groupdro_enabled=True, groupdro_warmup_epochs=0,
+                  lambda_fit=0.1, latent_samples_per_group=5)
+    summary = train(config).summary
+    assert summary["groups"] == ["visual", "text", "combined"]
+    assert set(summary["final_q"]) == {"visual", "text", "combined"}
+    assert summary["test"]["group_acc"]["combined"] is not None

@@ -64,6 +64,13 @@ def take(x: Any, positions: Sequence[int] | torch.Tensor) -> Any:
     return x.subset(positions)
 
 
+def batch_to_device(x: torch.Tensor | tuple, device: torch.device) -> torch.Tensor | tuple:
+    """A batch's inputs on ``device``: a tensor, or a tuple of tensors for paired inputs."""
+    if isinstance(x, tuple):
+        return tuple(batch_to_device(part, device) for part in x)
+    return x.to(device, non_blocking=True)
+
+
 def move(x: Any, device: torch.device | str) -> Any:
     """Move a tensor (or a store that supports ``to``) to a device; other stores stay where they are."""
     if isinstance(x, torch.Tensor):

@@ -283,11 +283,12 @@ def load_usps_pool(root: Path, pool: bool, download: bool, source: str) -> Pool:
     present = libsvm_present(files) if source == "libsvm" else h5_present(files)
     if not present:
         names = "usps.bz2" + ("/usps.t.bz2" if pool else "") if source == "libsvm" else "usps.h5"
+        fetch = "set download: true" if source == "libsvm" else "use usps_source: libsvm with download: true"
         extra = "" if pool else "; or set mnist_usps_pool: true to use whichever official splits are present"
         raise DataFileError(
             f"USPS files not found: expected {root / names.split('/')[0]} ({names}, usps_source: {source}) in "
             f"{', '.join(str(d) for d in search_dirs(root, USPS_DIRS))}. Get them from {USPS_ORIGIN} and place them "
-            f"in {root} (data_root), or set download: true{extra}")
+            f"in {root} (data_root), or {fetch} (torchvision fetches the LIBSVM files){extra}")
     images, labels, parts, offset = [], [], {}, 0
     for split in present:
         if source == "libsvm":

@@ -327,3 +327,36 @@ class FeaturesEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+@ENCODERS.register("fusion")
+class FusionEncoder(nn.Module):
+    """Image and caption of one sample through their own encoders, fused: [z_v; z_t] → Linear → ReLU → Dropout.
+
+    The reference's FusionLayer reused the visual and text groups' encoders; here the combined
+    group owns its sub-encoders, so every group keeps one encoder of its own.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        vocab_size: int,
+        max_len: int = 128,
+        in_channels: int = 3,
+        feature_dim: int | None = None,
+        visual_encoder: str | None = None,
+        text_encoder: str = "mlp_text",
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        visual_name = visual_encoder or ("features" if feature_dim is not None else "resnet_visual")
+        visual_info = {"in_channels": in_channels} if feature_dim is None else {"feature_dim": feature_dim}
+        self.visual = create_encoder(visual_name, latent_dim, visual_info)
+        self.text = create_encoder(text_encoder, latent_dim, {"vocab_size": vocab_size, "max_len": max_len})
+        self.fuse = nn.Sequential(nn.Linear(2 * latent_dim, latent_dim), nn.ReLU(),
+                                  nn.Dropout(_dropout("dropout", dropout)))
+        self.backbone = self.visual.backbone
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, tokens = pair
+        return self.fuse(torch.cat([self.visual(images), self.text(tokens)], dim=1))

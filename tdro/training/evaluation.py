@@ -1,11 +1,11 @@
 """Evaluation over one split: fixed-order per-group batches through the group's encoder and the head.
 
-Inputs move to the device once per batch, labels once per group; metrics are accumulated on the
-device (``MetricAccumulator``) and reach the CPU once per evaluation.
+Inputs move to the device once per batch. A group's logits stay on the device until its last batch,
+then one ``MetricAccumulator.update`` counts them there; the counts reach the CPU once per evaluation.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,14 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tdro.data.base import batch_to_device
 from tdro.training.metrics import MetricAccumulator
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    """A batch tensor, or a tuple of them (paired inputs), on ``device``."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    return tuple(_to_device(part, device) for part in x)
 
 
 @contextmanager
@@ -35,24 +29,23 @@ def _inference(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _forward_batches(
+def _forward_group(
     model: nn.Module,
-    parts: Mapping[str, Any],
+    name: str,
+    part: Any,
     device: torch.device,
     batch_size: int,
     autocast_dtype: torch.dtype | None,
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(group index, latents, logits, labels on the device) per batch; groups in order, samples in stored order."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(latents, logits) of one group's split in stored order, batch by batch, inputs moved per batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    for index, (name, part) in enumerate(parts.items()):
-        labels = part.y.to(device)
-        for start in range(0, len(labels), batch_size):
-            stop = min(start + batch_size, len(labels))
-            x = part.x[start:stop] if isinstance(part.x, torch.Tensor) else part.x[torch.arange(start, stop)]
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                latents, logits = model({name: _to_device(x, device)})
-            yield index, latents[name], logits[name], labels[start:stop]
+    for start in range(0, len(part.y), batch_size):
+        stop = min(start + batch_size, len(part.y))
+        x = part.x[start:stop] if isinstance(part.x, torch.Tensor) else part.x[torch.arange(start, stop)]
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            latents, logits = model({name: batch_to_device(x, device)})
+        yield latents[name], logits[name]
 
 
 def _split_parts(dataset: Any, split: str) -> dict[str, Any]:
@@ -79,10 +72,12 @@ def evaluate(
     device = torch.device(device)
     accumulator = MetricAccumulator(list(dataset.groups), list(dataset.class_names), device)
     with _inference(model):
-        for index, _, logits, labels in _forward_batches(
-            model, _split_parts(dataset, split), device, batch_size, autocast_dtype
-        ):
-            accumulator.update(index, logits, labels)
+        for index, (name, part) in enumerate(_split_parts(dataset, split).items()):
+            if not len(part.y):
+                continue
+            # One update per group: per-batch metric kernels would cost more than small forward passes.
+            batches = _forward_group(model, name, part, device, batch_size, autocast_dtype)
+            accumulator.update(index, torch.cat([logits for _, logits in batches]), part.y.to(device))
     return accumulator.compute()
 
 
@@ -93,8 +88,9 @@ def forward_only(
     device = torch.device(device)
     samples = 0
     with _inference(model):
-        for _, _, logits, _ in _forward_batches(model, _split_parts(dataset, split), device, batch_size, None):
-            samples += len(logits)
+        for name, part in _split_parts(dataset, split).items():
+            for _, logits in _forward_group(model, name, part, device, batch_size, None):
+                samples += len(logits)
     return samples
 
 
@@ -122,10 +118,10 @@ def collect_latents(
         }
     latents, labels, groups = [], [], []
     with _inference(model):
-        for index, z, _, y in _forward_batches(model, parts, device, batch_size, None):
-            latents.append(z.float())
-            labels.append(y)
-            groups.append(torch.full_like(y, index))
+        for index, (name, part) in enumerate(parts.items()):
+            latents += [z.float() for z, _ in _forward_group(model, name, part, device, batch_size, None)]
+            labels.append(part.y)
+            groups.append(torch.full_like(part.y, index))
     return {
         "latents": _stacked(latents, torch.zeros(0, 0)),
         "labels": _stacked(labels, torch.zeros(0, dtype=torch.int64)),

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from tdro.config import Config, ConfigError
 from tdro.data import GroupStratifiedBatches, build_dataset
+from tdro.data.base import batch_to_device
 from tdro.models.multigroup import build_model
 from tdro.objectives.anchor_losses import AnchorLoss
 from tdro.objectives.groupdro import GroupDRO, group_mean_losses
@@ -256,7 +257,7 @@ class Trainer:
     def train_step(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict | None:
         """One optimisation step; returns detached loss parts, or None when the loss was not finite."""
         config = self.config
-        inputs = {name: x.to(self.device, non_blocking=True) for name, (x, _) in batch.items()}
+        inputs = {name: batch_to_device(x, self.device) for name, (x, _) in batch.items()}
         labels = torch.cat([y for _, y in batch.values()]).to(self.device, non_blocking=True)
         group_ids = torch.cat([torch.full((len(y),), self.group_names.index(name), dtype=torch.long)
                                for name, (_, y) in batch.items()]).to(self.device, non_blocking=True)

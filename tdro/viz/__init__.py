@@ -1,1 +1,31 @@
+"""Static plots (matplotlib/seaborn) and ipywidgets views of run records.
 
+- ``tdro.viz.static``: one function per figure or table the notebooks show (losses, per-group
+  accuracy, GroupDRO weights, learning rates, latent view with anchor ellipses, confusion matrices,
+  run tables, multi-run curves) and ``show(fig)``, which displays a figure as PNG with any backend.
+- ``tdro.viz.widgets``: ``LatentExplorer`` (epoch stepping in the latent view) and
+  ``RunDashboard`` (run selection, filters, metric overlay, weights, summary).
+- ``tdro.viz.notebook``: notebook parameters → Config (papermill ``-p``/``-f`` semantics).
+- ``tdro.viz.phase_plots``: figures of a phase (arms overlaid, GroupDRO weights per arm, impact).
+
+Widgets are imported on first use, so ``import tdro.viz`` does not need ipywidgets.
+"""
+from tdro.viz.static import (LatentSnapshot, class_colors, ellipse_parameters, latent_epochs, load_latents,
+                             metric_columns, plot_confusions, plot_group_accuracy, plot_group_weights,
+                             plot_latent_epochs, plot_latents, plot_learning_rates, plot_losses, plot_metric_curves,
+                             plot_weights_by_run, run_facts, run_metrics_table, show, summary_table)
+
+__all__ = [
+    "LatentExplorer", "LatentSnapshot", "RunDashboard", "class_colors", "ellipse_parameters", "latent_epochs",
+    "load_latents", "metric_columns", "plot_confusions", "plot_group_accuracy", "plot_group_weights",
+    "plot_latent_epochs", "plot_latents", "plot_learning_rates", "plot_losses", "plot_metric_curves",
+    "plot_weights_by_run", "run_facts", "run_metrics_table", "show", "summary_table",
+]
+
+
+def __getattr__(name: str):
+    if name in ("LatentExplorer", "RunDashboard"):
+        from tdro.viz import widgets
+
+        return getattr(widgets, name)
+    raise AttributeError(f"module 'tdro.viz' has no attribute {name!r}")

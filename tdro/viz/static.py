@@ -1,0 +1,461 @@
+"""Static figures and tables of run records (matplotlib/seaborn): what the reports show without a kernel.
+
+Every function reads a run's records (``tdro.runs``: ``config.yaml``, ``history.jsonl``,
+``steps.jsonl``, ``summary.json``, ``latents/epoch_*.npz``), never the model, so a report can be
+re-rendered without retraining. Single-run functions take a run directory or a loaded
+``tdro.runs.Run``; multi-run functions take a list of them. Figures are returned (not shown).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Ellipse
+
+from tdro.runs import Run, load_run
+
+MARKERS = ("o", "^", "s", "D", "P", "X", "v", "*")
+LOSS_PARTS = ("cls", "fit", "sep")
+WORST_COLOR = "crimson"
+METRIC_LABELS = {
+    "acc": "accuracy", "worst_group_acc": "worst-group acc", "balanced_acc": "balanced acc", "loss": "loss",
+    "worst_group_loss": "worst-group loss", "macro_f1": "macro F1", "worst_group": "worst group",
+}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def show(fig: Figure, dpi: int = 100) -> None:
+    """Display a figure as a PNG image and close it.
+
+    Works with any matplotlib backend (``MPLBACKEND=agg`` under papermill included), so executed
+    notebooks and their HTML exports always carry the picture; inside an ipywidgets ``Output`` the
+    image becomes part of the widget's state.
+    """
+    from io import BytesIO
+
+    from IPython.display import Image, display
+
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    display(Image(data=buffer.getvalue(), format="png"))
+
+
+def as_run(run: str | Path | Run) -> Run:
+    """A loaded run from a directory (or the run itself)."""
+    return run if isinstance(run, Run) else load_run(run)
+
+
+def run_label(run: Run) -> str:
+    """Short label of a run: its phase arm and seed when the phase runner made it, else its directory name."""
+    meta = phase_metadata(run.path)
+    if meta:
+        return f"{meta.get('arm', '?')} s{meta.get('seed', '?')}"
+    return run.run_id
+
+
+def phase_metadata(run_dir: str | Path) -> dict:
+    """The ``phase.json`` the phase runner writes into a run directory ({} for runs made otherwise)."""
+    import json
+
+    path = Path(run_dir) / "phase.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _group_columns(table: pd.DataFrame, prefix: str) -> dict[str, str]:
+    """{group: column} of columns ``<prefix><group>`` (e.g. prefix 'val.group_acc.')."""
+    return {c[len(prefix):]: c for c in table.columns if c.startswith(prefix) and "." not in c[len(prefix):]}
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.35", wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _check_history(run: Run) -> pd.DataFrame:
+    if run.history.empty:
+        raise ValueError(f"run {run.path} has no history.jsonl records yet (no epoch finished)")
+    return run.history
+
+
+def _epochs(history: pd.DataFrame) -> np.ndarray:
+    return history["epoch"].to_numpy() + 1  # records count epochs from 0; plots from 1
+
+
+# --------------------------------------------------------------------------------------------- one run
+def plot_losses(run: str | Path | Run) -> Figure:
+    """Left: train and validation loss per epoch (and the classification part); right: anchor loss parts.
+
+    The parts are the unweighted terms the trainer records (``fit``, ``sep``); the total is
+    cls + lambda_fit * fit + lambda_sep * sep.
+    """
+    run = as_run(run)
+    history = _check_history(run)
+    epochs = _epochs(history)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6), constrained_layout=True)
+    left.plot(epochs, history["train.loss"], marker="o", label="train loss (total)")
+    if "train.cls" in history:
+        left.plot(epochs, history["train.cls"], marker=".", ls="--", label="train cls")
+    if "val.loss" in history:
+        left.plot(epochs, history["val.loss"], marker="s", label="val loss (cls)")
+    left.set(xlabel="epoch", ylabel="loss", title="Loss")
+    left.legend(fontsize=8)
+    parts = [p for p in ("fit", "sep") if f"train.{p}" in history and np.nanmax(np.abs(history[f"train.{p}"])) > 0]
+    if parts:
+        for part in parts:
+            right.plot(epochs, history[f"train.{part}"], marker="o", label=f"{part} (unweighted)")
+        if all((history[f"train.{p}"] > 0).all() for p in parts):
+            right.set_yscale("log")
+        right.set(xlabel="epoch", ylabel="loss part", title="Anchor loss parts (train)")
+        right.legend(fontsize=8)
+    else:
+        _empty(right, "anchor losses off (lambda_fit = lambda_sep = 0)")
+        right.set_title("Anchor loss parts (train)")
+    return fig
+
+
+def plot_group_accuracy(run: str | Path | Run, split: str = "val") -> Figure:
+    """Per-group accuracy per epoch on ``split``, the worst group at the selected epoch highlighted,
+    and the per-epoch worst-group accuracy as a dashed line."""
+    run = as_run(run)
+    history = _check_history(run)
+    epochs = _epochs(history)
+    groups = _group_columns(history, f"{split}.group_acc.")
+    worst = _highlighted_group(run, split)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8), constrained_layout=True)
+    for group, column in groups.items():
+        is_worst = group == worst
+        ax.plot(epochs, history[column], marker="o", lw=3 if is_worst else 1.4,
+                color=WORST_COLOR if is_worst else None, zorder=3 if is_worst else 2,
+                label=f"{group} (worst)" if is_worst else group)
+    if f"{split}.worst_group_acc" in history:
+        ax.plot(epochs, history[f"{split}.worst_group_acc"], ls="--", color="black", lw=1, label="worst group (per epoch)")
+    if "train.acc" in history:
+        ax.plot(epochs, history["train.acc"], ls=":", color="0.4", label="train acc (all groups)")
+    selected = run.summary.get("selected_epoch")
+    if selected is not None:
+        ax.axvline(selected + 1, color="0.6", lw=0.8)
+        ax.text(selected + 1, 0.02, " selected", color="0.4", fontsize=8, transform=ax.get_xaxis_transform())
+    ax.set(xlabel="epoch", ylabel="accuracy", title=f"Per-group accuracy ({split})", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def _highlighted_group(run: Run, split: str) -> str | None:
+    """The worst group at the selected epoch (summary), else at the last recorded epoch."""
+    metrics = run.summary.get(split) if run.summary else None
+    if metrics and metrics.get("worst_group"):
+        return metrics["worst_group"]
+    column = f"{split}.worst_group"
+    return None if column not in run.history else run.history[column].iloc[-1]
+
+
+def plot_group_weights(run: str | Path | Run, ax=None) -> Figure:
+    """GroupDRO weights q per group over training steps (steps.jsonl), with the epoch-end values as markers."""
+    run = as_run(run)
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 3.4), constrained_layout=True)
+    steps = _group_columns(run.steps, "q.") if not run.steps.empty else {}
+    epochs = _group_columns(run.history, "q.") if not run.history.empty else {}
+    if not steps and not epochs:
+        _empty(ax, "GroupDRO off (ERM): no group weights")
+    else:
+        colors = {}
+        for group, column in steps.items():
+            line, = ax.plot(run.steps["step"], run.steps[column], lw=1.5, label=group)
+            colors[group] = line.get_color()
+        if epochs and "step" in run.steps and not run.steps.empty:
+            last_step = run.steps.groupby("epoch")["step"].max()
+            for group, column in epochs.items():
+                x = run.history["epoch"].map(last_step)
+                ax.plot(x, run.history[column], ls="none", marker="o", color=colors.get(group), ms=4)
+        warmup = run.config.get("groupdro_warmup_epochs") or 0
+        if warmup and "epoch" in run.steps and not run.steps.empty:
+            warm = run.steps.loc[run.steps["epoch"] < warmup, "step"]
+            if len(warm):
+                ax.axvspan(run.steps["step"].min(), warm.max(), color="0.9", zorder=0, label="warm-up (q held)")
+        ax.legend(fontsize=8)
+        ax.set(xlabel="step", ylabel="q (group weight)", ylim=(0, 1))
+    ax.set_title(f"GroupDRO weights — {run_label(run)}" if fig is None else "GroupDRO weights per group")
+    return fig if fig is not None else ax.figure
+
+
+def plot_learning_rates(run: str | Path | Run) -> Figure:
+    """Learning rate per parameter group (backbone, new) per epoch."""
+    run = as_run(run)
+    history = _check_history(run)
+    epochs = _epochs(history)
+    fig, ax = plt.subplots(figsize=(7.5, 3.2), constrained_layout=True)
+    columns = _group_columns(history, "lr.")
+    for name, column in columns.items():
+        ax.plot(epochs, history[column], marker="o", label=name)
+    if columns and (history[list(columns.values())] > 0).all().all():
+        ax.set_yscale("log")
+    note = "" if "backbone" in columns else "; no backbone parameters"
+    ax.set(xlabel="epoch", ylabel="learning rate",
+           title=f"LR per parameter group ({run.config.get('lr_scheduler', '?')} schedule{note})")
+    ax.legend(fontsize=8)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- latents
+@dataclass
+class LatentSnapshot:
+    """One epoch's ``latents/epoch_XXX.npz``: val latents and anchors on the first two principal axes."""
+
+    epoch: int
+    points: np.ndarray          # (N, 2)
+    labels: np.ndarray          # (N,)
+    groups: np.ndarray          # (N,) group index
+    means: np.ndarray           # (C, 2)
+    covariances: np.ndarray     # (C, 2, 2)
+    group_names: list[str]
+    class_names: list[str]
+    explained_variance: np.ndarray  # (2,)
+
+
+def latent_epochs(run_dir: str | Path | Run) -> list[int]:
+    """Epochs (0-based) that have a latent snapshot."""
+    path = run_dir.path if isinstance(run_dir, Run) else Path(run_dir)
+    return sorted(int(p.stem.split("_")[1]) for p in (path / "latents").glob("epoch_*.npz"))
+
+
+def load_latents(run_dir: str | Path | Run, epoch: int | None = None) -> LatentSnapshot:
+    """The latent snapshot of ``epoch`` (default: the selected epoch if recorded, else the last)."""
+    run = as_run(run_dir)
+    available = latent_epochs(run)
+    if not available:
+        raise FileNotFoundError(f"run {run.path} has no latents/epoch_*.npz (latent_samples_per_group was 0?)")
+    if epoch is None:
+        selected = run.summary.get("selected_epoch")
+        epoch = selected if selected in available else available[-1]
+    if epoch not in available:
+        raise FileNotFoundError(f"run {run.path} has no latent snapshot for epoch {epoch}; it has {available}")
+    with np.load(run.path / "latents" / f"epoch_{epoch:03d}.npz") as data:
+        return LatentSnapshot(epoch, data["points"], data["labels"], data["groups"], data["means"], data["covariances"],
+                              [str(g) for g in data["group_names"]], [str(c) for c in data["class_names"]],
+                              data["explained_variance"])
+
+
+def class_colors(num_classes: int) -> list:
+    """One colour per class (tab10 up to 10 classes, tab20 up to 20, then husl)."""
+    import seaborn as sns
+
+    if num_classes <= 10:
+        return list(plt.get_cmap("tab10").colors[:num_classes])
+    if num_classes <= 20:
+        return list(plt.get_cmap("tab20").colors[:num_classes])
+    return sns.color_palette("husl", num_classes)
+
+
+def ellipse_parameters(covariance: np.ndarray, n_std: float = 2.0) -> tuple[float, float, float]:
+    """(width, height, angle in degrees) of the n_std-sigma ellipse of a 2x2 covariance."""
+    values, vectors = np.linalg.eigh(np.asarray(covariance, dtype=float))
+    values = np.clip(values, 0.0, None)
+    major = vectors[:, 1]
+    angle = math.degrees(math.atan2(major[1], major[0]))
+    return 2 * n_std * math.sqrt(values[1]), 2 * n_std * math.sqrt(values[0]), angle
+
+
+def plot_latents(snapshot: LatentSnapshot, ax=None, legend: bool = True, title: str | None = None) -> Figure:
+    """Validation latents coloured by class and marked by group; anchor means (X) with 2-sigma ellipses."""
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 6), constrained_layout=True)
+    colors = class_colors(len(snapshot.class_names))
+    for g, group in enumerate(snapshot.group_names):
+        mask = snapshot.groups == g
+        ax.scatter(snapshot.points[mask, 0], snapshot.points[mask, 1], c=[colors[int(y)] for y in snapshot.labels[mask]],
+                   marker=MARKERS[g % len(MARKERS)], s=18, alpha=0.65, linewidths=0, label=f"group {group}")
+    for c, name in enumerate(snapshot.class_names):
+        width, height, angle = ellipse_parameters(snapshot.covariances[c])
+        ax.add_patch(Ellipse(snapshot.means[c], width, height, angle=angle, fill=False, lw=1.6, color=colors[c]))
+        ax.scatter(*snapshot.means[c], marker="X", s=140, color=colors[c], edgecolors="black", linewidths=0.8, zorder=4)
+        ax.annotate(name, snapshot.means[c], textcoords="offset points", xytext=(6, 6), fontsize=8, weight="bold")
+    ev = snapshot.explained_variance
+    ax.set(xlabel=f"PC 1 ({ev[0]:.0%} of variance)", ylabel=f"PC 2 ({ev[1]:.0%})",
+           title=title or f"Validation latents, epoch {snapshot.epoch + 1} (X = anchor mean, ellipse = 2σ)")
+    ax.autoscale_view()
+    if legend:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], ls="none", marker=MARKERS[g % len(MARKERS)], color="0.3", label=f"group {name}")
+                   for g, name in enumerate(snapshot.group_names)]
+        handles += [Line2D([], [], ls="none", marker="o", color=colors[c], label=f"class {name}")
+                    for c, name in enumerate(snapshot.class_names)]
+        ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return fig if fig is not None else ax.figure
+
+
+def plot_latent_epochs(run: str | Path | Run, epochs: Sequence[int] | None = None, max_panels: int = 4) -> Figure:
+    """Latent views of several epochs side by side (default: up to ``max_panels`` evenly spaced, last included)."""
+    run = as_run(run)
+    available = latent_epochs(run)
+    if not available:
+        raise FileNotFoundError(f"run {run.path} has no latents/epoch_*.npz")
+    if epochs is None:
+        idx = np.unique(np.linspace(0, len(available) - 1, min(max_panels, len(available))).round().astype(int))
+        epochs = [available[i] for i in idx]
+    fig, axes = plt.subplots(1, len(epochs), figsize=(4.2 * len(epochs), 4.2), constrained_layout=True, squeeze=False)
+    for ax, epoch in zip(axes[0], epochs):
+        plot_latents(load_latents(run, epoch), ax=ax, legend=False, title=f"epoch {epoch + 1}")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- confusion, tables
+def plot_confusions(run: str | Path | Run, split: str = "test") -> Figure:
+    """One confusion matrix (rows: true class, columns: predicted) per group at the selected checkpoint."""
+    import seaborn as sns
+
+    run = as_run(run)
+    metrics = run.summary.get(split) if run.summary else None
+    if not metrics:
+        raise ValueError(f"run {run.path} has no {split} metrics in summary.json (unfinished run?)")
+    confusions = metrics["group_confusion"]
+    classes = list(metrics["class_acc"])
+    n = len(confusions)
+    fig, axes = plt.subplots(1, n, figsize=(min(4.6 * n, 18), 4.2), constrained_layout=True, squeeze=False)
+    for ax, (group, matrix) in zip(axes[0], confusions.items()):
+        matrix = np.asarray(matrix)
+        sns.heatmap(matrix, ax=ax, annot=len(classes) <= 12, fmt="d", cmap="Blues", cbar=False, square=True,
+                    xticklabels=classes, yticklabels=classes, annot_kws={"fontsize": 7})
+        acc = metrics["group_acc"].get(group)
+        ax.set(xlabel="predicted", ylabel="true", title=f"{group} ({split} acc {acc:.3f})" if acc is not None else group)
+    return fig
+
+
+def run_metrics_table(run: str | Path | Run) -> pd.DataFrame:
+    """Val and test metrics at the selected checkpoint: one row per split, headline metrics and per-group acc."""
+    run = as_run(run)
+    rows = {}
+    for split in ("val", "test"):
+        metrics = run.summary.get(split)
+        if not metrics:
+            continue
+        row = {METRIC_LABELS[m]: metrics.get(m) for m in ("acc", "worst_group_acc", "worst_group", "balanced_acc", "macro_f1", "loss")}
+        row.update({f"acc {g}": v for g, v in metrics.get("group_acc", {}).items()})
+        rows[split] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def run_facts(run: str | Path | Run) -> pd.Series:
+    """Selection and cost of a run: selected epoch, monitor value, wall time, peak memory, samples/s."""
+    run = as_run(run)
+    s, h = run.summary, run.history
+    facts = {
+        "run": run.run_id,
+        "dataset": run.config.get("dataset"),
+        "selected epoch": None if s.get("selected_epoch") is None else s["selected_epoch"] + 1,
+        "epochs run": s.get("epochs_run", len(h)),
+        "monitor": s.get("monitor", run.config.get("monitor")),
+        "monitor value": s.get("monitor_value"),
+        "selection split": s.get("selection_split"),
+        "wall time (s)": s.get("wall_seconds"),
+        "peak memory (MB)": None if h.empty or "peak_memory_mb" not in h else float(h["peak_memory_mb"].max()),
+        "samples/s (mean)": None if h.empty or "samples_per_second" not in h else float(h["samples_per_second"].mean()),
+        "parameters": s.get("parameter_count"),
+        "device": s.get("device"),
+        "GroupDRO": run.config.get("groupdro_enabled"),
+    }
+    if s.get("test_selection"):
+        facts["WARNING"] = "selected on the TEST split (allow_test_selection)"
+    return pd.Series(facts, name="value")
+
+
+# --------------------------------------------------------------------------------------------- many runs
+def _runs(runs: Iterable[str | Path | Run]) -> list[Run]:
+    return [as_run(r) for r in runs]
+
+
+def metric_columns(runs: Iterable[str | Path | Run]) -> list[str]:
+    """Numeric per-epoch history columns shared by the runs' records (val.* first)."""
+    columns: dict[str, None] = {}
+    for run in _runs(runs):
+        for column in run.history.columns:
+            if column not in ("epoch", "steps") and pd.api.types.is_numeric_dtype(run.history[column]):
+                columns[column] = None
+    order = {"val": 0, "train": 1}
+    return sorted(columns, key=lambda c: (order.get(c.split(".")[0], 2), c.count("."), c))
+
+
+def plot_metric_curves(runs: Iterable[str | Path | Run], metric: str = "val.worst_group_acc",
+                       labels: Sequence[str] | None = None, ax=None, aggregate: dict[str, Sequence[int]] | None = None) -> Figure:
+    """One curve per run of a history column over epochs (e.g. ``val.worst_group_acc``, ``train.loss``).
+
+    ``aggregate`` maps a label to positions in ``runs`` to draw instead as mean ± std over those runs
+    (the seeds of one arm)."""
+    runs = _runs(runs)
+    labels = list(labels) if labels is not None else [run_label(r) for r in runs]
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    if aggregate:
+        for label, members in aggregate.items():
+            curves = [runs[i].history.set_index("epoch")[metric] for i in members
+                      if not runs[i].history.empty and metric in runs[i].history]
+            if not curves:
+                continue
+            table = pd.concat(curves, axis=1)
+            mean, std = table.mean(axis=1), table.std(axis=1)
+            x = table.index.to_numpy() + 1
+            line, = ax.plot(x, mean, marker="o", ms=3, label=f"{label} (n={table.shape[1]})")
+            if table.shape[1] > 1:
+                ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())
+    else:
+        for run, label in zip(runs, labels):
+            if run.history.empty or metric not in run.history:
+                continue
+            ax.plot(_epochs(run.history), run.history[metric], marker="o", ms=3, label=label)
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    else:
+        _empty(ax, f"no run records {metric}")
+    return fig if fig is not None else ax.figure
+
+
+def plot_weights_by_run(runs: Iterable[str | Path | Run], labels: Sequence[str] | None = None, max_panels: int = 12) -> Figure:
+    """GroupDRO weights over steps, one panel per run (ERM runs say so)."""
+    runs = _runs(runs)[:max_panels]
+    labels = list(labels) if labels is not None else [run_label(r) for r in runs]
+    if not runs:
+        fig, ax = plt.subplots(figsize=(6, 2), constrained_layout=True)
+        _empty(ax, "no runs selected")
+        return fig
+    cols = min(3, len(runs))
+    rows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), constrained_layout=True, squeeze=False)
+    for ax, run, label in zip(axes.flat, runs, labels):
+        plot_group_weights(run, ax=ax)
+        ax.set_title(label, fontsize=9)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.set_visible(False)
+    return fig
+
+
+def summary_table(runs: Iterable[str | Path | Run], labels: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per run: label, dataset, finished, selected epoch, val/test worst-group and overall acc,
+    wall time, peak memory and mean samples/s."""
+    runs = _runs(runs)
+    labels = list(labels) if labels is not None else [run_label(r) for r in runs]
+    rows = []
+    for run, label in zip(runs, labels):
+        facts = run_facts(run)
+        row = {"run": label, "run_id": run.run_id, "dataset": run.config.get("dataset"), "finished": run.finished,
+               "selected epoch": facts["selected epoch"], "epochs": len(run.history)}
+        for split in ("val", "test"):
+            metrics = run.summary.get(split) or {}
+            row[f"{split} worst-group acc"] = metrics.get("worst_group_acc")
+            row[f"{split} acc"] = metrics.get("acc")
+        row.update({k: facts[k] for k in ("wall time (s)", "peak memory (MB)", "samples/s (mean)")})
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,206 @@
+"""ipywidgets views over run records: ``LatentExplorer`` (step through epochs of one run's latent view)
+and ``RunDashboard`` (select runs under a folder, filter by dataset and arm, overlay a metric, see
+GroupDRO weights and a summary table).
+
+Every view draws with the static functions of ``tdro.viz.static``, so a report can show the same
+figure above the widget for readers without a kernel. Display a view with ``display(view)`` or by
+leaving it last in a cell; ``view.widget`` is the top-level ipywidgets container.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import ipywidgets as widgets
+from IPython.display import clear_output, display
+
+from tdro.runs import Run, find_runs
+from tdro.viz.static import (as_run, show, latent_epochs, load_latents, metric_columns, phase_metadata, plot_latents,
+                             plot_metric_curves, plot_weights_by_run, run_label, summary_table)
+
+ALL = "(all)"
+
+
+class _View:
+    widget: widgets.Widget
+
+    def _ipython_display_(self) -> None:
+        display(self.widget)
+
+
+class LatentExplorer(_View):
+    """Step through the epochs of a run's latent view (``latents/epoch_XXX.npz``) with a slider or Play."""
+
+    def __init__(self, run: str | Path | Run) -> None:
+        self.run = as_run(run)
+        self.epochs = latent_epochs(self.run)
+        if not self.epochs:
+            raise FileNotFoundError(f"run {self.run.path} has no latents/epoch_*.npz to explore")
+        start = self.run.summary.get("selected_epoch")
+        start = start if start in self.epochs else self.epochs[-1]
+        # the slider counts epochs from 1 like the figures; the npz files from 0
+        self.slider = widgets.SelectionSlider(options=[(str(e + 1), e) for e in self.epochs], value=start,
+                                              description="epoch", continuous_update=False)
+        self.play = widgets.Play(min=0, max=len(self.epochs) - 1, value=self.epochs.index(start), interval=800,
+                                 description="play")
+        self.play.observe(lambda change: setattr(self.slider, "value", self.epochs[change["new"]]), names="value")
+        self.output = widgets.Output()
+        self.slider.observe(lambda change: self.draw(change["new"]), names="value")
+        self.widget = widgets.VBox([widgets.HBox([self.play, self.slider]), self.output])
+        self.draw(start)
+
+    def draw(self, epoch: int) -> None:
+        """Redraw the latent view of ``epoch`` (0-based, as in the file names)."""
+        with self.output:
+            clear_output(wait=True)
+            show(plot_latents(load_latents(self.run, epoch)))
+
+
+class RunDashboard(_View):
+    """Compare runs under a folder: filter by dataset and arm, select runs, choose a metric.
+
+    Shows the chosen metric's curves overlaid, GroupDRO weights per selected run, and a summary
+    table. ``select``, ``set_metric`` and ``set_filters`` drive it from code (and tests).
+    """
+
+    def __init__(self, root: str | Path = "outputs/runs", metric: str = "val.worst_group_acc",
+                 max_selected: int = 8) -> None:
+        self.root = Path(root)
+        self.max_selected = max_selected
+        self.dataset_filter = widgets.Dropdown(description="dataset")
+        self.arm_filter = widgets.Dropdown(description="arm")
+        self.run_select = widgets.SelectMultiple(description="runs", rows=8, layout=widgets.Layout(width="60%"))
+        self.metric = widgets.Dropdown(description="metric")
+        self.refresh_button = widgets.Button(description="rescan folder", icon="refresh")
+        self.curves = widgets.Output()
+        self.weights = widgets.Output()
+        self.table = widgets.Output()
+        self.widget = widgets.VBox([
+            widgets.HTML(f"<b>Runs under</b> <code>{self.root}</code>"),
+            widgets.HBox([self.dataset_filter, self.arm_filter, self.refresh_button]),
+            self.run_select, self.metric,
+            widgets.Tab(children=[self.curves, self.weights, self.table]),
+        ])
+        tab = self.widget.children[-1]
+        for i, title in enumerate(("curves", "GroupDRO weights", "summary")):
+            tab.set_title(i, title)
+        self._initial_metric = metric
+        self._updating = False
+        self.scan()
+        self.dataset_filter.observe(self._on_filter, names="value")
+        self.arm_filter.observe(self._on_filter, names="value")
+        self.run_select.observe(lambda _: self.redraw(), names="value")
+        self.metric.observe(lambda _: self.draw_curves(), names="value")
+        self.refresh_button.on_click(lambda _: self.scan())
+
+    # --- data ---
+    def scan(self) -> None:
+        """(Re)load every run under the root folder and reset the filters."""
+        paths = find_runs(self.root)
+        self.runs: dict[str, Run] = {}
+        self.meta: dict[str, dict] = {}
+        for path in paths:
+            run = as_run(path)
+            label = self._unique(run_label(run))
+            self.runs[label] = run
+            meta = phase_metadata(path)
+            self.meta[label] = {"dataset": str(run.config.get("dataset")),
+                                "arm": meta.get("arm", "(single runs)"), "phase": meta.get("phase")}
+        self._updating = True
+        try:
+            self.dataset_filter.options = [ALL] + sorted({m["dataset"] for m in self.meta.values()})
+            self.arm_filter.options = [ALL] + sorted({m["arm"] for m in self.meta.values()})
+            self.dataset_filter.value = self.arm_filter.value = ALL
+            metrics = metric_columns(self.runs.values())
+            self.metric.options = metrics
+            if metrics:
+                self.metric.value = self._initial_metric if self._initial_metric in metrics else metrics[0]
+            self._apply_filters()
+        finally:
+            self._updating = False
+        self.redraw()
+
+    def _unique(self, label: str) -> str:
+        existing = getattr(self, "runs", {})
+        if label not in existing:
+            return label
+        i = 2
+        while f"{label} ({i})" in existing:
+            i += 1
+        return f"{label} ({i})"
+
+    def filtered(self) -> list[str]:
+        """Run labels that pass the dataset and arm filters."""
+        return [label for label, m in self.meta.items()
+                if self.dataset_filter.value in (ALL, m["dataset"]) and self.arm_filter.value in (ALL, m["arm"])]
+
+    def _apply_filters(self) -> None:
+        labels = self.filtered()
+        previous = [label for label in self.run_select.value if label in labels]
+        self.run_select.options = labels
+        self.run_select.value = tuple(previous or labels[: self.max_selected])
+
+    def _on_filter(self, _change) -> None:
+        if self._updating:
+            return
+        self._updating = True
+        try:
+            self._apply_filters()
+        finally:
+            self._updating = False
+        self.redraw()
+
+    # --- programmatic control ---
+    @property
+    def selected(self) -> list[str]:
+        return list(self.run_select.value)
+
+    def select(self, labels: Sequence[str]) -> None:
+        unknown = [label for label in labels if label not in self.run_select.options]
+        if unknown:
+            raise ValueError(f"unknown or filtered-out runs {unknown}; available: {list(self.run_select.options)}")
+        self.run_select.value = tuple(labels)
+
+    def set_metric(self, metric: str) -> None:
+        if metric not in self.metric.options:
+            raise ValueError(f"metric {metric!r} is not recorded by these runs; available: {list(self.metric.options)}")
+        self.metric.value = metric
+
+    def set_filters(self, dataset: str = ALL, arm: str = ALL) -> None:
+        self.dataset_filter.value = dataset
+        self.arm_filter.value = arm
+
+    def summary(self) -> "pd.DataFrame":  # noqa: F821 - pandas in the return annotation only
+        """The summary table of the selected runs."""
+        labels = self.selected
+        return summary_table([self.runs[label] for label in labels], labels)
+
+    # --- drawing ---
+    def redraw(self) -> None:
+        if self._updating:
+            return
+        self.draw_curves()
+        self.draw_weights()
+        self.draw_table()
+
+    def draw_curves(self) -> None:
+        if self._updating:
+            return
+        with self.curves:
+            clear_output(wait=True)
+            labels = self.selected
+            if not labels or self.metric.value is None:
+                print("select at least one run")
+                return
+            show(plot_metric_curves([self.runs[label] for label in labels], self.metric.value, labels))
+
+    def draw_weights(self) -> None:
+        with self.weights:
+            clear_output(wait=True)
+            labels = self.selected
+            show(plot_weights_by_run([self.runs[label] for label in labels], labels))
+
+    def draw_table(self) -> None:
+        with self.table:
+            clear_output(wait=True)
+            display(self.summary())
