@@ -150,7 +150,8 @@ def load_summaries(run_dirs: Iterable[str | Path | Run], config_keys: Iterable[s
             for key, value in run.config.items():
                 seen.setdefault(key, set()).add(json.dumps(value, sort_keys=True, default=str))
         varying = [k for k, values in seen.items() if len(values) > 1 or any(k not in r.config for r in runs)]
-        config_keys = [k for k in ("dataset", "seed") if k in seen] + [k for k in varying if k not in ("dataset", "seed")]
+        always = [k for k in ("dataset", "seed") if k in seen]
+        config_keys = always + [k for k in varying if k not in always]
     config_keys = list(config_keys)
     rows = []
     for run in runs:

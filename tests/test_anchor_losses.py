@@ -125,6 +125,21 @@ def test_fit_loss_gradcheck_through_the_anchor_module(clipped):
     assert torch.autograd.gradcheck(loss, inputs)
 
 
+def test_fit_and_margin_losses_run_in_full_precision_under_bf16_autocast():
+    torch.manual_seed(0)
+    anchors = GaussianAnchors(10, 16)
+    latents, labels = torch.randn(64, 16), torch.arange(64) % 10
+    fit32, margin32 = fit_loss(latents, labels, None, anchors), w2_margin_separation_loss(anchors, 2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fit = fit_loss(latents, labels, None, anchors)
+        margin = w2_margin_separation_loss(anchors, 2.0)
+    fit_bf16_latents = fit_loss(latents.bfloat16(), labels, None, anchors)
+    assert fit.dtype == margin.dtype == fit_bf16_latents.dtype == torch.float32
+    torch.testing.assert_close(fit, fit32, rtol=1e-6, atol=0)
+    torch.testing.assert_close(margin, margin32, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fit_bf16_latents, fit_loss(latents.bfloat16().float(), labels, None, anchors))
+
+
 class CountingHead(nn.Module):
     """A linear head that counts its calls."""
 

@@ -92,7 +92,8 @@ def test_metrics_match_sklearn(predict_unseen_class: bool) -> None:
         assert m["group_confusion"][g] == reference.tolist()
         for k, c in enumerate(CLASSES):
             in_class = mask & (labels == k)
-            expected = None if not in_class.any() else pytest.approx(accuracy_score(labels[in_class], predictions[in_class]))
+            expected = (pytest.approx(accuracy_score(labels[in_class], predictions[in_class]))
+                        if in_class.any() else None)
             assert m["group_class_acc"][g][c] == expected
     assert m["group_class_acc"]["usps"]["three"] is None
     assert all(v is None for v in m["group_class_acc"]["empty"].values())
@@ -204,3 +205,26 @@ def test_collect_latents(digits_and_model) -> None:
     positions = np.arange(5) * len(first.y) // 5
     np.testing.assert_array_equal(capped["labels"][:5], first.y.numpy()[positions])
     np.testing.assert_allclose(capped["latents"][:5], latents[:len(first.y)][positions], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_empty_group_and_bf16_autocast(digits_and_model) -> None:
+    from dataclasses import replace
+
+    from tdro.data.base import Split
+    from tdro.training.evaluation import evaluate
+
+    dataset, model = digits_and_model
+    masked = dataset.groups["masked"]
+    empty = Split(masked.test.x[:0], masked.test.y[:0])
+    thinned = replace(dataset, groups={**dataset.groups, "masked": replace(masked, test=empty)})
+    m = evaluate(model, thinned, "test", "cpu", batch_size=64)
+    full = evaluate(model, dataset, "test", "cpu", batch_size=64)
+    assert m["group_size"]["masked"] == 0 and m["group_acc"]["masked"] is None
+    assert all(v is None for v in m["group_class_acc"]["masked"].values())
+    for g in ("image", "coarse", "flat"):
+        assert m["group_acc"][g] == full["group_acc"][g]
+    assert m["balanced_acc"] == pytest.approx(np.mean([full["group_acc"][g] for g in ("image", "coarse", "flat")]))
+
+    bf16 = evaluate(model, dataset, "test", "cpu", batch_size=64, autocast_dtype=torch.bfloat16)
+    assert bf16["group_size"] == full["group_size"]
+    assert bf16["loss"] == pytest.approx(full["loss"], rel=0.05)

@@ -160,7 +160,8 @@ def test_cli_trains_and_reports_bad_input_in_one_line(tmp_path):
 
 
 def test_mnist_usps_on_the_real_files_trains_one_short_epoch(tmp_path):
-    config = tiny(tmp_path, dataset="mnist_usps", data_root=str(SHARED_DATA), epochs=1, batch_size=128)
+    config = tiny(tmp_path, dataset="mnist_usps", data_root=str(SHARED_DATA), epochs=1, batch_size=128,
+                  mnist_size=600, usps_size=200)
     summary = train(config).summary
     assert set(summary["groups"]) >= {"mnist", "usps"}
     assert summary["test"]["acc"] > 0.1

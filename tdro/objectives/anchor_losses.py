@@ -31,18 +31,21 @@ def fit_loss(
 
     Pooled over groups by default (no group is pulled to the anchor on its own); with
     ``per_group_fit`` the moments are per (group, class) and the loss is averaged within each
-    group, then over the groups present (reference-method.md §2.4).
+    group, then over the groups present (reference-method.md §2.4). Computed in float32 or
+    better with autocast off: a difference of traces and eigenvalue roots has no bf16 to spare.
     """
     if per_group_fit and group_ids is None:
         raise ValueError("per_group_fit=True needs group_ids, got None")
-    moments = class_moments(latents, labels, anchors.num_classes, group_ids if per_group_fit else None)
-    if moments.num == 0:
-        return latents.new_zeros(())
-    if anchors.diagonal:
-        distances = diagonal_moments_bures_wasserstein_sq(moments, anchors.means, anchors.variance())
-    else:
-        raw, scale = anchors.factor_parts()
-        distances = lowrank_bures_wasserstein_sq(moments, anchors.means, raw, anchors.eps, scale)
+    with torch.autocast(latents.device.type, enabled=False):
+        latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
+        moments = class_moments(latents, labels, anchors.num_classes, group_ids if per_group_fit else None)
+        if moments.num == 0:
+            return latents.new_zeros(())
+        if anchors.diagonal:
+            distances = diagonal_moments_bures_wasserstein_sq(moments, anchors.means, anchors.variance())
+        else:
+            raw, scale = anchors.factor_parts()
+            distances = lowrank_bures_wasserstein_sq(moments, anchors.means, raw, anchors.eps, scale)
     if not per_group_fit:
         return distances.mean()
     _, group_index, rows_per_group = torch.unique(moments.groups, return_inverse=True, return_counts=True)
@@ -64,18 +67,22 @@ def classifier_separation_loss(
 
 
 def w2_margin_separation_loss(anchors: GaussianAnchors, margin: float) -> torch.Tensor:
-    """Mean over class pairs i<j of max(0, margin − W₂²(anchor_i, anchor_j)), batched over pairs."""
+    """Mean over class pairs i<j of max(0, margin − W₂²(anchor_i, anchor_j)), batched over pairs.
+
+    Autocast is off here for the same reason as in ``fit_loss``.
+    """
     means = anchors.means
     if anchors.num_classes < 2:
         return means.new_zeros(())
     i, j = torch.triu_indices(anchors.num_classes, anchors.num_classes, 1, device=means.device)
-    if anchors.diagonal:
-        variance = anchors.variance()
-        distances = diagonal_bures_wasserstein_sq(means[i], variance[i], means[j], variance[j])
-    else:
-        covariance = anchors.covariance()
-        chol = torch.linalg.cholesky(covariance)  # anchors are positive definite (+εI)
-        distances = factored_bures_wasserstein_sq(means[i], covariance[i], means[j], covariance[j], chol[j])
+    with torch.autocast(means.device.type, enabled=False):
+        if anchors.diagonal:
+            variance = anchors.variance()
+            distances = diagonal_bures_wasserstein_sq(means[i], variance[i], means[j], variance[j])
+        else:
+            covariance = anchors.covariance()
+            chol = torch.linalg.cholesky(covariance)  # anchors are positive definite (+εI)
+            distances = factored_bures_wasserstein_sq(means[i], covariance[i], means[j], covariance[j], chol[j])
     return F.relu(margin - distances).mean()
 
 

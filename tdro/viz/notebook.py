@@ -69,12 +69,17 @@ def parameters_source(keys: Sequence[str], notebook_parameters: Mapping[str, tup
     for name in keys:
         if name not in fields:
             raise KeyError(f"{name!r} is not a Config key")
-        lines.append(f"{name} = {defaults[name]!r}  # {fields[name].metadata['doc']}")
+        lines.append(f"{name} = {defaults[name]!r}  # {_comment(fields[name].metadata['doc'])}")
     if notebook_parameters:
         lines.append("# notebook parameters (not Config keys)")
         for name, (value, comment) in notebook_parameters.items():
-            lines.append(f"{name} = {value!r}  # {comment}")
+            lines.append(f"{name} = {value!r}  # {_comment(comment)}")
     return "\n".join(lines)
+
+
+def _comment(text: str) -> str:
+    """A one-line comment papermill's parameter parser accepts (it rejects '=' in comments)."""
+    return " ".join(text.split()).replace(" = ", ": ").replace("=", ":")
 
 
 def changed_keys(config: Config) -> dict[str, Any]:

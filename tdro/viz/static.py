@@ -296,12 +296,26 @@ def plot_latents(snapshot: LatentSnapshot, ax=None, legend: bool = True, title: 
     return fig if fig is not None else ax.figure
 
 
+def _no_latents_figure(run: Run) -> Figure:
+    fig, ax = plt.subplots(figsize=(7.5, 1.6), constrained_layout=True)
+    _empty(ax, f"run {run.run_id} recorded no latent snapshots (latent_samples_per_group = 0)")
+    return fig
+
+
+def plot_latent_view(run: str | Path | Run, epoch: int | None = None) -> Figure:
+    """The latent view of one epoch of a run (default: the selected epoch); a note if none was recorded."""
+    run = as_run(run)
+    if not latent_epochs(run):
+        return _no_latents_figure(run)
+    return plot_latents(load_latents(run, epoch))
+
+
 def plot_latent_epochs(run: str | Path | Run, epochs: Sequence[int] | None = None, max_panels: int = 4) -> Figure:
     """Latent views of several epochs side by side (default: up to ``max_panels`` evenly spaced, last included)."""
     run = as_run(run)
     available = latent_epochs(run)
     if not available:
-        raise FileNotFoundError(f"run {run.path} has no latents/epoch_*.npz")
+        return _no_latents_figure(run)
     if epochs is None:
         idx = np.unique(np.linspace(0, len(available) - 1, min(max_panels, len(available))).round().astype(int))
         epochs = [available[i] for i in idx]

@@ -35,7 +35,9 @@ class LatentExplorer(_View):
         self.run = as_run(run)
         self.epochs = latent_epochs(self.run)
         if not self.epochs:
-            raise FileNotFoundError(f"run {self.run.path} has no latents/epoch_*.npz to explore")
+            self.widget = widgets.HTML(f"run <code>{self.run.run_id}</code> recorded no latent snapshots "
+                                       "(latent_samples_per_group = 0): nothing to explore")
+            return
         start = self.run.summary.get("selected_epoch")
         start = start if start in self.epochs else self.epochs[-1]
         # the slider counts epochs from 1 like the figures; the npz files from 0

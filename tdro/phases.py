@@ -1,0 +1,698 @@
+"""Hyperparameter phases of the seed's plan: a base config plus named arms, run over seeds, with a
+measured-impact table beside the seed's "Expected Impact" column.
+
+A phase is data (``params/phases/<name>.yaml``)::
+
+    name: phase1_quick_wins
+    title: "Phase 1: Quick Wins"
+    description: ...
+    previous: null                # the phase whose chosen config this one starts from
+    base: {batch_size: 32, ...}   # the starting config when no previous choice is given
+    adds: {}                      # applied on top of the starting config (either one)
+    baseline: {label: ..., expected: ...}
+    arms:
+      - {name: batch_64, label: "Batch 32→64", changes: {batch_size: 64}, expected: "+5-10% ...", risk: Low}
+
+``plan_phase`` resolves it for one dataset: it drops what does not apply there (a text encoder on a
+dataset without a text group, a class count the dataset does not have, differential learning rates
+for a model without backbone parameters) with the reason, marks an arm with nothing left as not
+applicable, scales epoch counts (``epochs_scale``; ``smoke`` shrinks everything) and makes one
+Config per (arm, seed). ``run_phase`` is idempotent: a finished run with the same
+``Config.result_hash()`` anywhere under the output folder is reused, an unfinished one is resumed
+(``tdro.training.trainer.resume``), and only what is missing is trained. ``PhaseResult`` gives the
+runs, the measured-impact table and the chosen config for the next phase.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from tdro.config import Config, ConfigError, read_yaml_mapping
+
+PHASES_DIR = Path(__file__).resolve().parents[1] / "params" / "phases"
+PHASE_NAMES = ("phase1_quick_wins", "phase2_architecture", "phase3_finetuning")
+BASELINE = "baseline"
+# Keys counted in epochs: epochs_scale multiplies them (a value >= 1 stays >= 1; 0 and null stay).
+EPOCH_KEYS = ("epochs", "groupdro_warmup_epochs", "lr_warmup_epochs", "freeze_backbone_epochs", "lr_step_size", "T_max")
+# smoke: tiny runs for tests and dry runs (10 epochs -> 1, 50 -> 2; few samples; small inputs)
+SMOKE_EPOCHS_SCALE = 0.04
+SMOKE_TRAIN_CAP = 120
+SMOKE_OVERRIDES = {"latent_samples_per_group": 50, "image_size": 32, "text_max_len": 64}
+# Keys of the dataset (a change rebuilds it for the applicability checks): Config fields from
+# `dataset` up to the model block.
+DATA_KEYS = tuple(Config.keys()[Config.keys().index("dataset"):Config.keys().index("latent_dim")])
+BACKBONE_KEYS = ("lr_backbone", "lr_new", "freeze_backbone_epochs")
+SPEC_KEYS = {"name", "title", "description", "previous", "base", "adds", "baseline", "arms"}
+ARM_KEYS = {"name", "label", "changes", "expected", "risk"}
+
+
+class PhaseError(ValueError):
+    """A phase file or phase request that cannot be used; the message says what and how to fix it."""
+
+
+# ============================================================================================ spec
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a phase: named config changes and the seed's expected impact."""
+
+    name: str
+    label: str
+    changes: dict = field(default_factory=dict)
+    expected: str = ""
+    risk: str = ""
+
+
+@dataclass
+class PhaseSpec:
+    """A phase as written in ``params/phases/<name>.yaml``."""
+
+    name: str
+    title: str
+    description: str
+    base: dict
+    adds: dict
+    baseline: Arm
+    arms: list[Arm]
+    previous: str | None = None
+    path: Path | None = None
+
+    @property
+    def all_arms(self) -> list[Arm]:
+        """The baseline first, then the arms."""
+        return [self.baseline, *self.arms]
+
+    def arm(self, name: str) -> Arm:
+        for arm in self.all_arms:
+            if arm.name == name:
+                return arm
+        raise PhaseError(f"phase {self.name!r} has no arm {name!r}; arms: {', '.join(a.name for a in self.all_arms)}")
+
+
+def phase_path(name_or_path: str | Path) -> Path:
+    """``params/phases/<name>.yaml`` for a phase name, or the given path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    candidate = PHASES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in PHASES_DIR.glob("*.yaml"))
+        raise PhaseError(f"no phase {name_or_path!r} in {PHASES_DIR}; phases: {', '.join(known) or 'none'}")
+    return candidate
+
+
+def _check_config_keys(values: Mapping[str, Any], where: str) -> None:
+    import difflib
+
+    for name in values:
+        if name not in Config.keys():
+            close = difflib.get_close_matches(name, Config.keys(), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise PhaseError(f"{where}: unknown config key {name!r}{hint}")
+
+
+def load_phase(name_or_path: str | Path) -> PhaseSpec:
+    """Read and check a phase file (keys, arm names, config keys of base, adds and every arm)."""
+    path = phase_path(name_or_path)
+    if not path.is_file():
+        raise PhaseError(f"phase file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise PhaseError(f"phase file {path} must hold a mapping")
+    unknown = set(data) - SPEC_KEYS
+    if unknown:
+        raise PhaseError(f"phase file {path}: unknown keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
+    for key in ("name", "arms"):
+        if key not in data:
+            raise PhaseError(f"phase file {path} needs {key!r}")
+    base, adds = data.get("base") or {}, data.get("adds") or {}
+    _check_config_keys(base, f"{path} base")
+    _check_config_keys(adds, f"{path} adds")
+    baseline_data = data.get("baseline") or {}
+    baseline = Arm(BASELINE, baseline_data.get("label", "baseline"), {}, baseline_data.get("expected", ""),
+                   baseline_data.get("risk", ""))
+    arms, names = [], {BASELINE}
+    for i, entry in enumerate(data["arms"]):
+        where = f"{path} arms[{i}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise PhaseError(f"{where} must be a mapping with a name")
+        bad = set(entry) - ARM_KEYS
+        if bad:
+            raise PhaseError(f"{where}: unknown keys {sorted(bad)}; allowed: {sorted(ARM_KEYS)}")
+        if entry["name"] in names:
+            raise PhaseError(f"{where}: arm name {entry['name']!r} is used twice (or is the reserved {BASELINE!r})")
+        names.add(entry["name"])
+        changes = entry.get("changes") or {}
+        if not changes:
+            raise PhaseError(f"{where} ({entry['name']}) changes nothing; give it `changes:`")
+        _check_config_keys(changes, where)
+        arms.append(Arm(str(entry["name"]), str(entry.get("label", entry["name"])), dict(changes),
+                        str(entry.get("expected", "") or ""), str(entry.get("risk", "") or "")))
+    return PhaseSpec(str(data["name"]), str(data.get("title", data["name"])), str(data.get("description", "")).strip(),
+                     dict(base), dict(adds), baseline, arms, data.get("previous"), path)
+
+
+# ============================================================================================ applicability
+@dataclass
+class DatasetFacts:
+    """What the applicability checks need to know about a dataset: its groups and classes."""
+
+    name: str
+    groups: dict[str, tuple[str, str]]  # group name -> (kind, default encoder)
+    class_names: list[str]
+
+    def kinds(self) -> set[str]:
+        return {kind for kind, _ in self.groups.values()}
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} ({kind})" for name, (kind, _) in self.groups.items())
+
+
+_DATASETS: dict[str, Any] = {}
+
+
+def _data_key(config: Config) -> str:
+    values = config.to_dict()
+    return json.dumps({k: values[k] for k in DATA_KEYS}, sort_keys=True, default=str)
+
+
+def build_phase_dataset(config: Config):
+    """The dataset of a config, built once per distinct set of data keys (cached for this process)."""
+    key = _data_key(config)
+    if key not in _DATASETS:
+        from tdro.data import build_dataset
+
+        _DATASETS[key] = build_dataset(config)
+    return _DATASETS[key]
+
+
+def dataset_facts(config: Config) -> DatasetFacts:
+    dataset = build_phase_dataset(config)
+    return DatasetFacts(dataset.name if hasattr(dataset, "name") else config.dataset,
+                        {name: (g.kind, g.encoder) for name, g in dataset.groups.items()}, list(dataset.class_names))
+
+
+def backbone_parameter_count(config: Config) -> int:
+    """Scalar parameters under the encoders' pretrained backbones (lr_backbone applies to these)."""
+    from tdro.models.multigroup import build_model
+
+    model = build_model(config, build_phase_dataset(config))
+    return sum(p.numel() for p in model.parameter_groups()["backbone"])
+
+
+def key_reasons(values: Mapping[str, Any], keys: Iterable[str], facts: DatasetFacts) -> dict[str, str]:
+    """Why each of ``keys`` (set in ``values``) does not apply to the dataset; keys that apply are absent.
+
+    Dataset-level rules only (encoder shortcuts without a group of that kind, textcaps keys on another
+    dataset); class counts and backbones need the arm's own dataset and model (see ``resolve_arm``).
+    """
+    reasons = {}
+    for key in keys:
+        value = values.get(key)
+        if key in ("text_encoder", "visual_encoder") and value is not None:
+            kind = "text" if key == "text_encoder" else "image"
+            if kind not in facts.kinds():
+                reasons[key] = (f"{key}={value}: dataset {facts.name} has no {kind} group "
+                                f"(its groups: {facts.describe()})")
+        elif key.startswith("textcaps_") and facts.name != "textcaps":
+            reasons[key] = (f"{key}={value}: only the textcaps dataset reads it; {facts.name} has its fixed "
+                            f"{len(facts.class_names)} classes")
+    return reasons
+
+
+def _differs_from_default(key: str, value: Any) -> bool:
+    return Config().to_dict()[key] != value
+
+
+def resolve_values(start: Mapping[str, Any], changes: Mapping[str, Any]) -> tuple[dict, dict[str, str]]:
+    """Merge ``changes`` into ``start``, keeping only the changes that apply to the dataset.
+
+    Returns (merged values, {dropped key: reason}). The checks: ``key_reasons`` on the dataset of
+    the merged values; a ``textcaps_num_classes`` above the classes the train split has; backbone keys
+    (``lr_backbone``, ``lr_new`` equal to ``lr``, ``freeze_backbone_epochs``) for a model without
+    backbone parameters.
+    """
+    values = dict(start)
+    merged = {**values, **changes}
+    facts = dataset_facts(Config.from_dict(merged))
+    dropped = key_reasons(merged, changes, facts)
+    kept = {k: v for k, v in changes.items() if k not in dropped}
+    merged = {**values, **kept}
+    if "textcaps_num_classes" in kept and kept["textcaps_num_classes"] is not None:
+        facts = dataset_facts(Config.from_dict(merged))
+        wanted = kept["textcaps_num_classes"]
+        if len(facts.class_names) < wanted:
+            dropped["textcaps_num_classes"] = (f"textcaps_num_classes={wanted}: the {facts.name} train split has only "
+                                               f"{len(facts.class_names)} classes")
+            kept.pop("textcaps_num_classes")
+            merged = {**values, **kept}
+    backbone_keys = [k for k in BACKBONE_KEYS if k in kept]
+    if backbone_keys:
+        config = Config.from_dict(merged)
+        if backbone_parameter_count(config) == 0:
+            encoders = ", ".join(f"{g}={enc}" for g, (enc, _) in _encoders(config).items())
+            for key in backbone_keys:
+                if key == "lr_new" and kept[key] not in (None, config.lr):
+                    continue  # a different LR for every parameter still changes the run
+                dropped[key] = (f"{key}={kept[key]}: no encoder has pretrained backbone parameters ({encoders}), "
+                                f"so there is nothing to train at a separate rate")
+                kept.pop(key)
+            merged = {**values, **kept}
+    return merged, dropped
+
+
+def _encoders(config: Config) -> dict[str, tuple[str, dict]]:
+    from tdro.models.multigroup import resolve_encoder_specs
+
+    return resolve_encoder_specs(config, build_phase_dataset(config))
+
+
+def scale_epochs(values: Mapping[str, Any], scale: float) -> dict:
+    """Epoch-valued keys (``EPOCH_KEYS``) multiplied by ``scale``; a value >= 1 stays >= 1."""
+    if scale <= 0:
+        raise PhaseError(f"epochs_scale must be > 0, got {scale}")
+    defaults = Config().to_dict()
+    scaled = dict(values)
+    for key in EPOCH_KEYS:
+        value = values.get(key, defaults[key])
+        if value is None or value == 0 or scale == 1:
+            continue
+        scaled[key] = max(1, int(round(value * scale)))
+    return scaled
+
+
+# ============================================================================================ plan
+@dataclass
+class ArmPlan:
+    """One arm resolved for a dataset: whether it applies (and why not), what was dropped, its configs."""
+
+    arm: Arm
+    applicable: bool
+    reason: str                  # why the arm does not apply ("" when it does)
+    notes: list[str]             # dropped parts of an applicable arm
+    values: dict                 # resolved config values before epoch scaling (what chosen.yaml holds)
+    configs: dict[int, Config]   # seed -> Config to train (scaled, output folder and run name set)
+
+    @property
+    def name(self) -> str:
+        return self.arm.name
+
+
+@dataclass
+class PhasePlan:
+    spec: PhaseSpec
+    dataset: str
+    seeds: list[int]
+    epochs_scale: float
+    smoke: bool
+    output_dir: Path             # root searched for finished runs
+    phase_dir: Path              # <output_dir>/<phase name>: runs/, impact.csv, chosen.yaml
+    start_from: Path | None
+    base_notes: list[str]
+    arms: list[ArmPlan]
+
+    def arm(self, name: str) -> ArmPlan:
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise PhaseError(f"phase {self.spec.name!r} has no arm {name!r}; arms: {', '.join(a.name for a in self.arms)}")
+
+    def table(self) -> pd.DataFrame:
+        """One row per arm: label, whether it applies, the changes, the reason or notes, expected impact."""
+        rows = []
+        for plan in self.arms:
+            rows.append({
+                "arm": plan.name, "label": plan.arm.label, "applicable": plan.applicable,
+                "changes": ", ".join(f"{k}={v}" for k, v in plan.arm.changes.items()) or "(starting config)",
+                "runs": len(plan.configs), "epochs": next(iter(plan.configs.values())).epochs if plan.configs else None,
+                "reason": plan.reason, "notes": "; ".join(plan.notes),
+                "expected": plan.arm.expected, "risk": plan.arm.risk,
+            })
+        table = pd.DataFrame(rows)
+        table["epochs"] = table["epochs"].astype("Int64")
+        return table
+
+
+def _seeds(seeds: int | Sequence[int]) -> list[int]:
+    if isinstance(seeds, bool):
+        raise PhaseError(f"seeds must be a count or a list of seeds, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise PhaseError(f"seeds must be at least 1, got {seeds}")
+        return list(range(seeds))
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PhaseError(f"seeds must be a non-empty list of distinct seeds, got {seeds}")
+    return seeds
+
+
+def run_name(arm: str, seed: int, config: Config) -> str:
+    return f"{arm}-seed{seed}-{config.result_hash()[:8]}"
+
+
+def plan_phase(spec: PhaseSpec | str | Path, dataset: str = "digits", seeds: int | Sequence[int] = 3,
+               epochs_scale: float = 1.0, smoke: bool = False, output_dir: str | Path = "outputs/phases",
+               start_from: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> PhasePlan:
+    """Resolve a phase for a dataset: baseline and arms with applicability, and one Config per (arm, seed).
+
+    ``start_from`` is a YAML config (the previous phase's ``chosen.yaml``); without it the phase's
+    ``base`` is the start. ``adds``, then ``dataset`` and ``overrides`` (e.g. ``data_root``) go on top.
+    """
+    spec = spec if isinstance(spec, PhaseSpec) else load_phase(spec)
+    seeds = _seeds(seeds)
+    start_from = Path(start_from) if start_from else None
+    if start_from is not None:
+        start = read_yaml_mapping(start_from)
+        for key in ("run_name", "output_dir", "seed"):
+            start.pop(key, None)
+    else:
+        start = dict(spec.base)
+    requested = {**start, **spec.adds, **dict(overrides or {}), "dataset": dataset}
+    Config.from_dict(requested)  # a wrong value fails here, before any dataset is built
+    # the starting config: keep what applies to this dataset (e.g. no text encoder on digits)
+    base_values, dropped = resolve_values({"dataset": dataset}, {k: v for k, v in requested.items() if k != "dataset"})
+    base_notes = [f"dropped from the starting config: {reason}" for key, reason in dropped.items()
+                  if _differs_from_default(key, requested[key])]
+    scale = epochs_scale * (SMOKE_EPOCHS_SCALE if smoke else 1.0)
+    output_dir = Path(output_dir)
+    phase_dir = output_dir / spec.name
+    base_hash = Config.from_dict(base_values).result_hash()
+    cap = None
+    if smoke:
+        cap = [SMOKE_TRAIN_CAP] * len(dataset_facts(Config.from_dict(base_values)).groups)
+
+    arms = []
+    for arm in spec.all_arms:
+        values, dropped = resolve_values(base_values, arm.changes)
+        reasons = list(dropped.values())
+        applicable = arm.name == BASELINE or Config.from_dict(values).result_hash() != base_hash
+        reason = "" if applicable else ("; ".join(reasons) or "no change from the baseline on this dataset")
+        configs = {}
+        if applicable:
+            run_values = scale_epochs(values, scale)
+            if smoke:
+                run_values.update(SMOKE_OVERRIDES, group_max_train_samples=cap)
+            for seed in seeds:
+                config = Config.from_dict({**run_values, "seed": seed, "progress": False,
+                                           "output_dir": str(phase_dir / "runs")})
+                configs[seed] = config.replace(run_name=run_name(arm.name, seed, config))
+        arms.append(ArmPlan(arm, applicable, reason, reasons if applicable else [], values, configs))
+    return PhasePlan(spec, dataset, seeds, epochs_scale, smoke, output_dir, phase_dir, start_from, base_notes, arms)
+
+
+# ============================================================================================ runs
+def run_hash(run_dir: Path) -> str | None:
+    """The result hash of a run directory (from summary.json, else from its config.yaml); None if unreadable."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            value = json.loads(summary.read_text()).get("config_hash")
+            if value:
+                return value
+        except json.JSONDecodeError:
+            pass
+    try:
+        return Config.load([run_dir / "config.yaml"]).result_hash()
+    except (ConfigError, OSError) as err:
+        warnings.warn(f"skipping {run_dir}: its config.yaml does not load ({err})", stacklevel=2)
+        return None
+
+
+def index_runs(root: str | Path) -> dict[str, list[Path]]:
+    """{result hash: run directories} of every run under root (any depth)."""
+    root = Path(root)
+    index: dict[str, list[Path]] = {}
+    if not root.is_dir():
+        return index
+    for config_path in sorted(root.rglob("config.yaml")):
+        value = run_hash(config_path.parent)
+        if value is not None:
+            index.setdefault(value, []).append(config_path.parent)
+    return index
+
+
+def find_run(root: str | Path, config: Config, index: Mapping[str, list[Path]] | None = None) -> tuple[Path | None, bool]:
+    """(run directory, finished) of a run of ``config`` under root: a finished one first, else an unfinished one."""
+    index = index_runs(root) if index is None else index
+    candidates = index.get(config.result_hash(), [])
+    finished = [p for p in candidates if (p / "summary.json").is_file()]
+    if finished:
+        return finished[0], True
+    return (candidates[0], False) if candidates else (None, False)
+
+
+def _subprocess(arguments: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "tdro", *arguments], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`python -m tdro {' '.join(arguments)}` failed (exit {result.returncode}):\n"
+                           f"{result.stderr[-3000:]}")
+
+
+def ensure_run(config: Config, root: str | Path, metadata: Mapping[str, Any] | None = None, isolate: bool = False,
+               index: dict[str, list[Path]] | None = None) -> tuple[Path, str]:
+    """Make sure a finished run of ``config`` exists under root: reuse it, resume it, or train it.
+
+    Returns (run directory, "reused" | "resumed" | "trained"). ``isolate`` trains in a child process
+    (``python -m tdro train``), so each run's peak memory is its own.
+    """
+    from tdro.training.trainer import resume, train
+
+    index = index_runs(root) if index is None else index
+    found, finished = find_run(root, config, index)
+    if finished:
+        return found, "reused"
+    if found is not None:
+        if isolate:
+            _subprocess(["train", "--resume", str(found)])
+        else:
+            resume(found)
+        return found, "resumed"
+    run_dir = Path(config.output_dir) / config.run_name
+    if (run_dir / "config.yaml").exists():
+        raise PhaseError(f"{run_dir} holds a run whose config differs from the one planned under that name; "
+                         "move it away")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if metadata:
+        (run_dir / "phase.json").write_text(json.dumps(dict(metadata), indent=2) + "\n")
+    if isolate:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.yaml"
+            config.save(path)
+            _subprocess(["train", "-f", str(path)])
+    else:
+        train(config, run_dir)
+    index.setdefault(config.result_hash(), []).append(run_dir)
+    return run_dir, "trained"
+
+
+def run_phase(plan: PhasePlan, isolate: bool = False, log: Callable[[str], None] | None = print) -> "PhaseResult":
+    """Train what is missing of a plan (idempotent) and return the result."""
+    index = index_runs(plan.output_dir)
+    rows = []
+    todo = [(arm, seed, config) for arm in plan.arms if arm.applicable for seed, config in arm.configs.items()]
+    for i, (arm, seed, config) in enumerate(todo, start=1):
+        metadata = {"phase": plan.spec.name, "arm": arm.name, "label": arm.arm.label, "seed": seed,
+                    "dataset": plan.dataset, "smoke": plan.smoke, "epochs_scale": plan.epochs_scale}
+        run_dir, status = ensure_run(config, plan.output_dir, metadata, isolate, index)
+        if log is not None:
+            log(f"[{i}/{len(todo)}] {arm.name} seed {seed}: {status} {run_dir}")
+        rows.append({"arm": arm.name, "seed": seed, "run_dir": run_dir, "status": status,
+                     "config_hash": config.result_hash()})
+    return PhaseResult(plan, pd.DataFrame(rows, columns=["arm", "seed", "run_dir", "status", "config_hash"]))
+
+
+# ============================================================================================ impact
+def run_metrics(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """Per run: test and val worst-group and overall accuracy, wall time, peak memory (max over epochs)."""
+    from tdro.runs import load_run
+
+    rows = []
+    for run_dir in run_dirs:
+        run = load_run(run_dir)
+        if not run.finished:
+            raise PhaseError(f"run {run_dir} has not finished (no summary.json)")
+        s = run.summary
+        peak = float(run.history["peak_memory_mb"].max()) if "peak_memory_mb" in run.history else math.nan
+        rows.append({"run_dir": Path(run_dir), "worst_group_acc": s["test"]["worst_group_acc"], "acc": s["test"]["acc"],
+                     "val_worst_group_acc": s["val"]["worst_group_acc"], "val_acc": s["val"]["acc"],
+                     "wall_seconds": s["wall_seconds"], "peak_memory_mb": peak})
+    return pd.DataFrame(rows)
+
+
+def paired_difference(arm: Sequence[float], baseline: Sequence[float], confidence: float = 0.95
+                      ) -> tuple[float, float, float]:
+    """Mean of arm − baseline over paired seeds and its t confidence interval (NaN bounds below 2 pairs)."""
+    from scipy import stats
+
+    d = np.asarray(arm, dtype=float) - np.asarray(baseline, dtype=float)
+    if len(d) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return mean, mean - half, mean + half
+
+
+IMPACT_METRICS = ("worst_group_acc", "acc")
+
+
+def impact_table(metrics: pd.DataFrame, arms: pd.DataFrame, baseline: str = BASELINE,
+                 confidence: float = 0.95) -> pd.DataFrame:
+    """The measured impact per arm (index: arm, in the order of ``arms``).
+
+    ``metrics``: one row per run with columns arm, seed, worst_group_acc, acc (test), wall_seconds,
+    peak_memory_mb. ``arms``: one row per arm with arm, label, applicable, reason, notes, expected,
+    risk (``PhasePlan.table()``). Per metric: mean and std over seeds, the paired difference to the
+    baseline (same seeds) with its t confidence interval; time and memory ratios are ratios of means.
+    Arms that do not apply keep a row with the reason.
+    """
+    base = metrics[metrics["arm"] == baseline].set_index("seed")
+    rows = []
+    for info in arms.to_dict("records"):
+        name = info["arm"]
+        row = {"arm": name, "label": info.get("label", name), "expected": info.get("expected", ""),
+               "risk": info.get("risk", "")}
+        if not info.get("applicable", True):
+            row.update(status="not applicable", seeds=0, notes=info.get("reason", ""))
+            rows.append(row)
+            continue
+        runs = metrics[metrics["arm"] == name].set_index("seed")
+        row.update(status="baseline" if name == baseline else "measured", seeds=len(runs), notes=info.get("notes", ""))
+        paired = runs.index.intersection(base.index)
+        for metric in IMPACT_METRICS:
+            values = runs[metric].astype(float)
+            row[metric] = values.mean() if len(values) else math.nan
+            row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+            if name == baseline:
+                continue
+            diff, low, high = paired_difference(runs.loc[paired, metric], base.loc[paired, metric], confidence)
+            row.update({f"{metric}_diff": diff, f"{metric}_ci_low": low, f"{metric}_ci_high": high,
+                        "paired_seeds": len(paired)})
+        if len(runs) and len(base):
+            row["time_ratio"] = runs["wall_seconds"].mean() / base["wall_seconds"].mean()
+            row["memory_ratio"] = runs["peak_memory_mb"].mean() / base["peak_memory_mb"].mean()
+        rows.append(row)
+    columns = ["arm", "label", "status", "seeds", "paired_seeds"]
+    for metric in IMPACT_METRICS:
+        columns += [metric, f"{metric}_std", f"{metric}_diff", f"{metric}_ci_low", f"{metric}_ci_high"]
+    columns += ["time_ratio", "memory_ratio", "expected", "risk", "notes"]
+    return pd.DataFrame(rows).reindex(columns=columns).set_index("arm")
+
+
+def _pct(value: float) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def _mean_std(mean: float, std: float, seeds: int) -> str:
+    if isinstance(mean, float) and math.isnan(mean):
+        return "—"
+    return f"{_pct(mean)} ± {_pct(std)} %" if not math.isnan(std) else f"{_pct(mean)} % (1 seed)"
+
+
+def _signed_pp(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _difference(diff: float, low: float, high: float) -> str:
+    if isinstance(diff, float) and math.isnan(diff):
+        return "—"
+    if math.isnan(low):
+        return f"{_signed_pp(diff)} pp (1 seed: no CI)"
+    return f"{_signed_pp(diff)} pp [{_signed_pp(low)}, {_signed_pp(high)}]"
+
+
+def _ratio(value: float) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.2f}×"
+
+
+def format_impact(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """The impact table as display strings: accuracies in %, differences in percentage points (pp)
+    with their confidence interval, ratios to the baseline, beside the seed's expected impact."""
+    level = f"{confidence:.0%}"
+    titles = {"worst_group_acc": "worst-group acc", "acc": "acc"}
+    rows = []
+    for _, r in table.iterrows():
+        row = {"arm": r["label"], "status": r["status"], "seeds": int(r["seeds"])}
+        for metric, title in titles.items():
+            if r["status"] == "not applicable":
+                row[f"{title} (test)"], row[f"Δ {title} [{level} CI]"] = "not applicable", "—"
+                continue
+            row[f"{title} (test)"] = _mean_std(r[metric], r[f"{metric}_std"], r["seeds"])
+            row[f"Δ {title} [{level} CI]"] = ("(reference)" if r["status"] == "baseline" else
+                                              _difference(r[f"{metric}_diff"], r[f"{metric}_ci_low"], r[f"{metric}_ci_high"]))
+        row["time ×"] = _ratio(r["time_ratio"])
+        row["peak memory ×"] = _ratio(r["memory_ratio"])
+        row["expected impact (seed)"] = r["expected"] or "—"
+        row["risk (seed)"] = r["risk"] or "—"
+        row["notes"] = r["notes"] if isinstance(r["notes"], str) else ""
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("arm")
+
+
+# ============================================================================================ result
+@dataclass
+class PhaseResult:
+    """The runs of a plan and what to make of them."""
+
+    plan: PhasePlan
+    runs: pd.DataFrame   # arm, seed, run_dir, status, config_hash
+
+    def run_dirs(self, arm: str | None = None) -> list[Path]:
+        rows = self.runs if arm is None else self.runs[self.runs["arm"] == arm]
+        return [Path(p) for p in rows["run_dir"]]
+
+    def metrics(self) -> pd.DataFrame:
+        """One row per (arm, seed) run with its test/val accuracies, wall time and peak memory."""
+        table = run_metrics(self.run_dirs())
+        return pd.concat([self.runs[["arm", "seed", "status"]].reset_index(drop=True), table], axis=1)
+
+    def impact_table(self, confidence: float = 0.95) -> pd.DataFrame:
+        return impact_table(self.metrics(), self.plan.table(), BASELINE, confidence)
+
+    def formatted_impact(self, confidence: float = 0.95) -> pd.DataFrame:
+        return format_impact(self.impact_table(confidence), confidence)
+
+    def best_arm(self, metric: str = "val_worst_group_acc") -> str:
+        """The applicable arm with the best mean validation metric over seeds (never chosen on test)."""
+        if not metric.startswith("val_"):
+            raise PhaseError(f"choose on a validation metric (val_worst_group_acc, val_acc), not {metric!r}")
+        means = self.metrics().groupby("arm")[metric].mean()
+        return str(means.idxmax())
+
+    def chosen_values(self, arm: str | None = None) -> dict:
+        """Config values of an arm (default: ``best_arm()``) before epoch scaling and smoke shrinking."""
+        arm = arm or self.best_arm()
+        values = Config.from_dict(self.plan.arm(arm).values).to_dict()
+        for key in ("run_name", "output_dir", "seed", "progress"):
+            values.pop(key, None)
+        return values
+
+    def save_chosen(self, path: str | Path | None = None, arm: str | None = None) -> Path:
+        """Write the chosen config as YAML (default ``<phase_dir>/chosen.yaml``): the next phase's ``start_from``."""
+        arm = arm or self.best_arm()
+        path = Path(path) if path else self.plan.phase_dir / "chosen.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = (f"# {self.plan.spec.title}: chosen arm {arm!r} ({self.plan.arm(arm).arm.label}) on "
+                  f"{self.plan.dataset}, by mean validation worst-group accuracy over seeds {self.plan.seeds}.\n"
+                  f"# Start the next phase from it: -p start_from {path}\n")
+        path.write_text(header + yaml.safe_dump(self.chosen_values(arm), sort_keys=False))
+        return path
+
+    def save_impact(self, path: str | Path | None = None) -> Path:
+        """Write the numeric impact table as CSV (default ``<phase_dir>/impact.csv``)."""
+        path = Path(path) if path else self.plan.phase_dir / "impact.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.impact_table().to_csv(path)
+        return path
