@@ -114,3 +114,21 @@ def test_batches_on_the_data_device(digits):
     moved = digits.to("cpu")
     batch = next(iter(GroupStratifiedBatches(moved, "val", 8, generator=torch.Generator().manual_seed(0))))
     assert all(x.device.type == "cpu" for x, _ in batch.values())
+
+
+def test_saved_stream_state_and_generator_continue_the_epochs_exactly(digits):
+    def epoch_labels(batches):
+        return [torch.cat([y for _, y in batch.values()]) for batch in batches]
+
+    straight = GroupStratifiedBatches(digits, "train", 32, generator=torch.Generator().manual_seed(3))
+    expected = [epoch_labels(straight) for _ in range(3)]
+    first = GroupStratifiedBatches(digits, "train", 32, generator=torch.Generator().manual_seed(3))
+    for _ in range(2):
+        epoch_labels(first)
+    generator_state, stream_state = first.generator.get_state(), first.state_dict()
+    resumed = GroupStratifiedBatches(digits, "train", 32, generator=torch.Generator())
+    resumed.generator.set_state(generator_state)
+    resumed.load_state_dict(stream_state)
+    assert all(torch.equal(a, b) for a, b in zip(epoch_labels(resumed), expected[2]))
+    with pytest.raises(ValueError, match="batch state holds groups"):
+        resumed.load_state_dict({"nope": torch.zeros(0, dtype=torch.long)})

@@ -115,7 +115,7 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path):
     rng = random.Random(os.getpid())
     for attempt in range(5):
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        target_steps = rng.randint(3, 40)
+        target_steps = rng.randint(3, 90)
         while process.poll() is None and len(_complete_lines(killed_dir / "steps.jsonl")) < target_steps // 3:
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.3))

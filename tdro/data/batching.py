@@ -83,6 +83,15 @@ class GroupStratifiedBatches:
     def __len__(self) -> int:
         return self.num_batches
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The unread rest of each cycling group's permutation stream (with the generator, all a resume needs)."""
+        return {name: stream.clone() for name, stream in self._streams.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self._streams):
+            raise ValueError(f"batch state holds groups {sorted(state)}, expected {sorted(self._streams)}")
+        self._streams = {name: stream.clone() for name, stream in state.items()}
+
     def _draw(self, name: str, length: int) -> torch.Tensor:
         n = len(self.splits[name])
         stream = torch.zeros(0, dtype=torch.long) if name == self.largest else self._streams[name]

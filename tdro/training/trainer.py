@@ -153,6 +153,7 @@ class Trainer:
             if self.groupdro is not None:
                 self.groupdro.load_state_dict(state["groupdro"])
             restore_rng_states(state["rng"], self.data_generator)
+            self.batches.load_state_dict(state["batches"])
             self.epoch = state["epoch"] + 1
             self.step = state["step"]
             self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
@@ -367,6 +368,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "groupdro": None if self.groupdro is None else self.groupdro.state_dict(),
             "rng": capture_rng_states(self.data_generator),
+            "batches": self.batches.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "best_value": self.best_value,
