@@ -178,3 +178,21 @@ def test_textcaps_with_a_combined_group_trains_end_to_end(tmp_path):
     assert summary["groups"] == ["visual", "text", "combined"]
     assert set(summary["final_q"]) == {"visual", "text", "combined"}
     assert summary["test"]["group_acc"]["combined"] is not None
+
+
+def test_on_epoch_sees_each_saved_record_and_can_stop_the_run(tmp_path):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch(record):
+        seen.append(record["epoch"])
+        assert (tmp_path / "runs" / "hooked" / "checkpoints" / "last.pt").exists()
+        if record["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny(tmp_path, epochs=4, run_name="hooked"), on_epoch=on_epoch)
+    assert seen == [0, 1]
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "runs" / "hooked" / "history.jsonl")] == [0, 1]

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -88,8 +89,10 @@ def monitor_parts(monitor: str) -> tuple[str, str, bool]:
 class Trainer:
     """Owns one run: builds everything from the Config, trains, evaluates, records, resumes."""
 
-    def __init__(self, config: Config, run_dir: Path | None = None) -> None:
+    def __init__(self, config: Config, run_dir: Path | None = None,
+                 on_epoch: Callable[[dict], None] | None = None) -> None:
         self.config = config
+        self.on_epoch = on_epoch
         self.device = resolve_device(config.device)
         if config.bf16 and self.device.type != "cuda":
             raise ConfigError(f"key 'bf16' is true but the device is {self.device}; bf16 autocast runs on CUDA only")
@@ -188,6 +191,8 @@ class Trainer:
                 self._record_latents()
             self._save_checkpoints(improved)
             self.epoch += 1
+            if self.on_epoch is not None:
+                self.on_epoch(record)
             if config.early_stopping_patience and self.epochs_without_improvement >= config.early_stopping_patience:
                 break
         return RunResult(self.run_dir, self.finish())
@@ -420,17 +425,17 @@ class Trainer:
         return summary
 
 
-def train(config: Config, run_dir: Path | None = None) -> RunResult:
-    """Train a new run from a Config."""
-    trainer = Trainer(config, run_dir)
+def train(config: Config, run_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
+    """Train a new run from a Config; on_epoch sees each epoch's record after it is saved (e.g. for pruning)."""
+    trainer = Trainer(config, run_dir, on_epoch)
     trainer.start()
     return trainer.fit()
 
 
-def resume(run_dir: str | Path) -> RunResult:
+def resume(run_dir: str | Path, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
     """Resume a run from its directory (config.yaml and checkpoints/last.pt)."""
     run_dir = Path(run_dir)
     config = Config.load([run_dir / "config.yaml"])
-    trainer = Trainer(config, run_dir)
+    trainer = Trainer(config, run_dir, on_epoch)
     trainer.resume()
     return trainer.fit()
