@@ -139,6 +139,8 @@ class Config:
     groupdro_init: str = key("uniform", "initial q", choices=("uniform", "proportional"))
     groupdro_min_group_weight: float = key(0.0, "exact floor on every group weight", low=0.0, high=1.0)
     groupdro_adjustment: float = key(0.0, "generalisation adjustment C in l_g + C/sqrt(n_g)", low=0.0)
+    groupdro_cells: str = key("group", "what GroupDRO weights: whole groups, or (group, class) cells as Sagawa et al.'s groups",
+                              choices=("group", "group_class"))
     groupdro_update_timing: str = key("after_step", "update q after the optimiser step (reference) or before the loss (Sagawa et al.)",
                                       choices=("after_step", "before_loss"))
 

@@ -196,3 +196,16 @@ def test_on_epoch_sees_each_saved_record_and_can_stop_the_run(tmp_path):
         train(tiny(tmp_path, epochs=4, run_name="hooked"), on_epoch=on_epoch)
     assert seen == [0, 1]
     assert [r["epoch"] for r in read_jsonl(tmp_path / "runs" / "hooked" / "history.jsonl")] == [0, 1]
+
+
+def test_groupdro_over_group_class_cells_upweights_the_minority_cells(tmp_path):
+    config = tiny(tmp_path, epochs=2, groupdro_enabled=True, groupdro_cells="group_class", groupdro_update_mode="exp",
+                  groupdro_eta=0.1, groupdro_warmup_epochs=0)
+    summary = train(config).summary
+    q = summary["final_q"]
+    classes = summary["classes"]
+    assert list(q) == [f"{g}/{c}" for g in summary["groups"] for c in classes]
+    assert sum(q.values()) == pytest.approx(1, abs=1e-5)
+    minority = [q[f"image/{c}"] for c in classes[5:]] + [q[f"coarse/{c}"] for c in classes[:5]]
+    majority = [q[f"image/{c}"] for c in classes[:5]] + [q[f"coarse/{c}"] for c in classes[5:]]
+    assert sum(minority) > sum(majority), "the skewed groups' minority classes have the larger losses"

@@ -104,11 +104,12 @@ class Trainer:
         self.schedule = EpochSchedule(config)
         self.anchor_loss = AnchorLoss(config.lambda_fit, config.lambda_sep, config.sep_method,
                                       config.sep_samples_per_class, config.sep_margin, config.per_group_fit)
-        group_sizes = [len(self.dataset.groups[name].train.y) for name in self.group_names]
+        self.num_classes = len(self.dataset.class_names)
+        self.dro_cell_names, cell_sizes = self._dro_cells()
         self.groupdro = GroupDRO(
-            len(self.group_names), eta=config.groupdro_eta, update_mode=config.groupdro_update_mode,
+            len(self.dro_cell_names), eta=config.groupdro_eta, update_mode=config.groupdro_update_mode,
             objective=config.groupdro_objective, gamma=config.groupdro_gamma, init=config.groupdro_init,
-            group_sizes=group_sizes, min_group_weight=config.groupdro_min_group_weight,
+            group_sizes=cell_sizes, min_group_weight=config.groupdro_min_group_weight,
             adjustment=config.groupdro_adjustment, warmup_epochs=config.groupdro_warmup_epochs,
         ) if config.groupdro_enabled else None
         self.data_generator = torch.Generator().manual_seed(config.seed)
@@ -129,6 +130,18 @@ class Trainer:
         self.tensorboard = self._open_tensorboard() if config.tensorboard else None
 
     # --- set-up and resume ---
+    def _dro_cells(self) -> tuple[list[str], list[int]]:
+        """Names and training sizes of what GroupDRO weights: groups, or 'group/class' cells (size ≥ 1)."""
+        train_labels = {name: group.train.y for name, group in self.dataset.groups.items()}
+        if self.config.groupdro_cells == "group":
+            return self.group_names, [len(y) for y in train_labels.values()]
+        names, sizes = [], []
+        for name, labels in train_labels.items():
+            counts = torch.bincount(labels, minlength=self.num_classes).clamp(min=1).tolist()
+            names += [f"{name}/{cls}" for cls in self.dataset.class_names]
+            sizes += counts
+        return names, sizes
+
     def _open_tensorboard(self):
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -276,9 +289,11 @@ class Trainer:
         if self.groupdro is None:
             cls_loss = per_sample.mean()
         else:
+            cells = group_ids * self.num_classes + labels if config.groupdro_cells == "group_class" else group_ids
+            cell_losses, cell_present = group_mean_losses(per_sample, cells, len(self.dro_cell_names))
             if config.groupdro_update_timing == "before_loss":
-                self.groupdro.update(group_losses.detach(), present, self.epoch)
-            cls_loss = self.groupdro.loss(group_losses, present)
+                self.groupdro.update(cell_losses.detach(), cell_present, self.epoch)
+            cls_loss = self.groupdro.loss(cell_losses, cell_present)
         anchor_parts = self.anchor_loss(latents, labels, group_ids, self.model.anchors, self.model.head)
         loss = cls_loss + anchor_parts["total"]
         zero = loss.new_zeros(())
@@ -294,7 +309,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
         if self.groupdro is not None and config.groupdro_update_timing == "after_step":
-            self.groupdro.update(group_losses.detach(), present, self.epoch)
+            self.groupdro.update(cell_losses.detach(), cell_present, self.epoch)
         self.step += 1
         parts.update(group_losses=group_losses.detach(), present=present, samples=len(labels),
                      correct=(logits.argmax(1) == labels).sum().float())
@@ -313,7 +328,7 @@ class Trainer:
     def _q_dict(self) -> dict[str, float] | None:
         if self.groupdro is None:
             return None
-        return {name: value for name, value in zip(self.group_names, self.groupdro.q.tolist())}
+        return {name: value for name, value in zip(self.dro_cell_names, self.groupdro.q.tolist())}
 
     def _q_text(self) -> str:
         q = self._q_dict()
