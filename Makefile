@@ -1,28 +1,72 @@
-# One entry point: `make run` (main job on the embedded digits default) and `make test`.
-# Both create the virtual environment on first use; later calls reuse it (idempotent).
+# One entry point: `make run` (notebooks/train.ipynb on the embedded digits default, with its HTML
+# report) and `make test`. Both create the virtual environment on first use, install tdro and register
+# the Jupyter kernel `tdro`; later calls reuse them (idempotent).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tdro-installed
+KERNEL := $(VENV)/share/jupyter/kernels/tdro/kernel.json
+PAPERMILL := MPLBACKEND=agg $(PY) -m papermill -k tdro
+NBCONVERT := $(PY) -m jupyter nbconvert --to html --log-level ERROR
+# extra papermill arguments for `make phases`, e.g. PHASE_ARGS="-p smoke True -p seeds 1"
+PHASE_ARGS ?=
 
-.PHONY: install test test-fast run report bench clean
+.PHONY: install test test-fast run report phases bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(KERNEL)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m ipykernel install --sys-prefix --name tdro --display-name "tdro (.venv)" >/dev/null
 	touch $(STAMP)
 
-test: $(STAMP)
+# the kernel papermill runs the notebooks with (-k tdro): this venv's Python
+$(KERNEL): $(STAMP)
+	$(PY) -m ipykernel install --sys-prefix --name tdro --display-name "tdro (.venv)" >/dev/null
+
+test: $(STAMP) $(KERNEL)
 	MPLBACKEND=agg $(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	MPLBACKEND=agg $(PY) -m pytest -q -m "not slow"
 
-run: $(STAMP)
-	$(PY) -m tdro train
+# train.ipynb on the digits default -> outputs/train.ipynb + outputs/train.html, then the summary
+run: $(STAMP) $(KERNEL)
+	mkdir -p outputs
+	$(PAPERMILL) --no-progress-bar notebooks/train.ipynb outputs/train.ipynb -p progress False
+	$(NBCONVERT) outputs/train.ipynb
+	@$(PY) -m tdro show "$$(ls -td outputs/runs/*/ | head -1)"
+	@echo "report: outputs/train.ipynb, outputs/train.html"
+
+# the seed's three phases in order, each starting from the previous phase's chosen config
+phases: $(STAMP) $(KERNEL)
+	mkdir -p outputs
+	$(PAPERMILL) notebooks/phase1_quick_wins.ipynb outputs/phase1_quick_wins.ipynb $(PHASE_ARGS)
+	$(PAPERMILL) notebooks/phase2_architecture.ipynb outputs/phase2_architecture.ipynb $(PHASE_ARGS) \
+		-p start_from outputs/phases/phase1_quick_wins/chosen.yaml
+	$(PAPERMILL) notebooks/phase3_finetuning.ipynb outputs/phase3_finetuning.ipynb $(PHASE_ARGS) \
+		-p start_from outputs/phases/phase2_architecture/chosen.yaml
+	$(MAKE) report
+
+# compare.ipynb over every run under outputs/, then every executed notebook in outputs/ -> HTML
+report: $(STAMP) $(KERNEL)
+	test -d outputs || { echo "nothing to report: run make run (or make phases) first"; exit 1; }
+	$(PAPERMILL) --no-progress-bar notebooks/compare.ipynb outputs/compare.ipynb -p runs_root outputs
+	$(NBCONVERT) outputs/*.ipynb
+	@ls outputs/*.html
+
+# Result experiments on real data (params/experiments/*.yaml): runs in outputs/experiments (finished
+# runs reused, interrupted ones resumed), the executed notebook as HTML and a Markdown report in reports/.
+EXPERIMENTS ?= heart mnist_usps
+EXPERIMENT_WORKERS ?= 2
+experiments: $(STAMP)
+	mkdir -p reports outputs/experiments
+	for e in $(EXPERIMENTS); do \
+	  run="$(VENV)/bin/papermill notebooks/experiment.ipynb outputs/experiments/$$e.ipynb -k tdro -p experiment $$e -p workers $(EXPERIMENT_WORKERS) -p output_dir outputs/experiments -p report_dir reports"; \
+	  html="$(VENV)/bin/jupyter nbconvert --to html outputs/experiments/$$e.ipynb --output-dir reports --output $$e"; \
+	  MPLBACKEND=agg $$run -p command "make experiments EXPERIMENTS=$$e   # = $$run && $$html" || exit 1; \
+	  $$html || exit 1; \
+	done
 
 bench: $(STAMP)
 	$(PY) bench/step_overhead.py

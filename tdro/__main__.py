@@ -1,4 +1,5 @@
-"""Command line: `python -m tdro train -f params/x.yaml -p key value`, `--resume RUN_DIR`, `show RUN_DIR`."""
+"""Command line: `python -m tdro train -f params/x.yaml -p key value`, `--resume RUN_DIR`, `show RUN_DIR`,
+`sweep -f params/search/x.yaml --trials N [--storage URL --study NAME]`."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,45 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its directory")
     show = commands.add_parser("show", help="print a run's summary table")
     show.add_argument("run_dir")
+    add_sweep_parser(commands)
     return parser
+
+
+def add_sweep_parser(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep", help="run Optuna trials over a search space (one worker; start it on several machines with one "
+                      "--storage and --study to share a study)",
+        description="Run --trials trials of a study in this process, then print the top trials, write best.yaml "
+                    "(for `train -f`) and, with --rerun-seeds, re-run the best config over seeds and evaluate it on "
+                    "test once. Without -f it attaches to an existing study (its search space is stored on it).")
+    sweep.add_argument("-f", "--search_file", metavar="FILE",
+                       help="search space YAML (params/search/<name>.yaml, or just <name>)")
+    sweep.add_argument("-p", "--parameters", action="append", nargs=2, default=[], metavar=("KEY", "VALUE"),
+                       help="fix one Config key (parsed as YAML); a searched key given here is no longer searched")
+    sweep.add_argument("--trials", type=int, default=10, help="trials this worker runs (0: only report; default 10)")
+    sweep.add_argument("--study", help="study name (default: the search file's name)")
+    sweep.add_argument("--storage", metavar="URL",
+                       help="sqlite:///file.db, postgresql://user@host:port/db, or journal:FILE "
+                            "(default: sqlite:///<sweeps-dir>/<study>/optuna.db)")
+    sweep.add_argument("--sweeps-dir", default="outputs/sweeps",
+                       help="folder of <study>/runs/trial_<n>, best.yaml and tables (default outputs/sweeps)")
+    sweep.add_argument("--sampler", choices=("tpe", "random", "grid"), help="default: the search file's (tpe)")
+    sweep.add_argument("--seed", type=int, help="sampler seed (reproducible on one worker; give each worker its own)")
+    sweep.add_argument("--pruner", choices=("median", "successive_halving", "hyperband", "none"),
+                       help="default: the search file's (median)")
+    sweep.add_argument("--smoke", action="store_true", help="apply the search file's smoke section (tiny runs)")
+    sweep.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    sweep.add_argument("--max-trials", type=int,
+                       help="stop once the study holds this many complete, pruned or running trials (all workers)")
+    sweep.add_argument("--heartbeat-interval", type=int, default=60,
+                       help="seconds between a running trial's heartbeats (SQL storages; 0: off; default 60)")
+    sweep.add_argument("--grace-period", type=int,
+                       help="seconds without a heartbeat before a trial counts as failed (default 2 x interval)")
+    sweep.add_argument("--max-retry", type=int, default=1,
+                       help="re-queue a failed-by-heartbeat trial with the same parameters this many times (default 1)")
+    sweep.add_argument("--top", type=int, default=10, help="rows of the top-trials table (default 10)")
+    sweep.add_argument("--rerun-seeds", type=int, nargs="+", metavar="SEED",
+                       help="re-run the best config with these seeds and evaluate each on test once")
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -61,9 +100,56 @@ def command_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_sweep(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from tdro.sweep import SweepError, attach, create_sweep, load_search_space
+
+    storage_options = dict(heartbeat_interval=args.heartbeat_interval or None, grace_period=args.grace_period,
+                           max_retry=args.max_retry)
+    if args.search_file:
+        space = load_search_space(args.search_file, dict(args.parameters), smoke=args.smoke)
+        sweep = create_sweep(space, args.study, args.storage, args.sweeps_dir, **storage_options)
+    else:
+        if not args.study:
+            raise SweepError("give a search file (-f params/search/<name>.yaml) or the --study to attach to")
+        if args.parameters or args.smoke:
+            raise SweepError("-p and --smoke shape a new study's search space; they need -f")
+        sweep = attach(args.study, args.storage, args.sweeps_dir, **storage_options)
+    print(f"study {sweep.name!r} in {describe(sweep.storage)}; {sweep.space.direction} {sweep.space.monitor}")
+    sweep.optimize(args.trials, args.sampler, args.seed, args.pruner, args.timeout, args.max_trials)
+    counts = sweep.state_counts()
+    print("trials: " + (", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())) or "none"))
+    top = sweep.top_trials(args.top)
+    if not len(top):
+        print("no complete trial yet: no best config")
+        return 0
+    sweep.folder.mkdir(parents=True, exist_ok=True)
+    sweep.trials_table().to_csv(sweep.folder / "trials.csv", index=False)
+    shown = [c for c in top.columns if c in ("rank", "number", "value", "epochs_reported", "seconds")
+             or c.startswith("param.")]
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print(f"top {len(top)} trials by {sweep.space.monitor} (validation):")
+        print(top[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    best_file = sweep.write_best_config()
+    print(f"best config: {best_file}  (python -m tdro train -f {best_file})")
+    if args.rerun_seeds:
+        table = sweep.rerun_best(args.rerun_seeds, log=print)
+        with pd.option_context("display.width", 200, "display.max_columns", 50):
+            print("best config over seeds (test evaluated once per seed, on the checkpoint selected on validation):")
+            print(table.drop(columns=["run_dir"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+def describe(storage: str) -> str:
+    from tdro.sweep import describe_storage
+
+    return describe_storage(storage)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": command_train, "show": command_show}[args.command]
+    handler = {"train": command_train, "show": command_show, "sweep": command_sweep}[args.command]
     try:
         return handler(args)
     except (ValueError, OSError, ArithmeticError) as err:  # config, files, non-finite losses

@@ -49,7 +49,7 @@ EPOCH_KEYS = ("epochs", "groupdro_warmup_epochs", "lr_warmup_epochs", "freeze_ba
 # smoke: tiny runs for tests and dry runs (10 epochs -> 1, 50 -> 2; few samples; small inputs)
 SMOKE_EPOCHS_SCALE = 0.04
 SMOKE_TRAIN_CAP = 120
-SMOKE_OVERRIDES = {"latent_samples_per_group": 50, "image_size": 32, "text_max_len": 64}
+SMOKE_OVERRIDES = {"latent_samples_per_group": 50, "image_size": 32, "text_max_len": 64, "log_interval": 1}
 # Keys of the dataset (a change rebuilds it for the applicability checks): Config fields from
 # `dataset` up to the model block.
 DATA_KEYS = tuple(Config.keys()[Config.keys().index("dataset"):Config.keys().index("latent_dim")])
@@ -328,6 +328,17 @@ class PhasePlan:
                 return arm
         raise PhaseError(f"phase {self.spec.name!r} has no arm {name!r}; arms: {', '.join(a.name for a in self.arms)}")
 
+    def describe(self) -> str:
+        """A Markdown paragraph: what runs, from which start, and what was dropped from the start."""
+        start = f"`{self.start_from}`" if self.start_from else f"the base of `{self.spec.path or self.spec.name}`"
+        lines = [f"**{self.spec.title}** on `{self.dataset}`: seeds {self.seeds}, epochs × {self.epochs_scale:g}"
+                 f"{' (smoke: tiny runs)' if self.smoke else ''}, starting from {start}; runs under "
+                 f"`{self.phase_dir / 'runs'}`.", "", self.spec.description]
+        if self.base_notes:
+            lines += ["", "Not applicable to this dataset, so left out of the starting config:"]
+            lines += [f"- {note.split(': ', 1)[1]}" for note in self.base_notes]
+        return "\n".join(lines)
+
     def table(self) -> pd.DataFrame:
         """One row per arm: label, whether it applies, the changes, the reason or notes, expected impact."""
         rows = []
@@ -407,7 +418,12 @@ def plan_phase(spec: PhaseSpec | str | Path, dataset: str = "digits", seeds: int
                 config = Config.from_dict({**run_values, "seed": seed, "progress": False,
                                            "output_dir": str(phase_dir / "runs")})
                 configs[seed] = config.replace(run_name=run_name(arm.name, seed, config))
-        arms.append(ArmPlan(arm, applicable, reason, reasons if applicable else [], values, configs))
+        notes = reasons if applicable else []
+        if configs and arm.name != BASELINE and arms and arms[0].configs:
+            first = seeds[0]
+            if configs[first].result_hash() == arms[0].configs[first].result_hash():
+                notes = [*notes, f"after epochs × {scale:g} this arm's runs are the baseline's (identical configs)"]
+        arms.append(ArmPlan(arm, applicable, reason, notes, values, configs))
     return PhasePlan(spec, dataset, seeds, epochs_scale, smoke, output_dir, phase_dir, start_from, base_notes, arms)
 
 

@@ -152,6 +152,7 @@ class SearchSpace:
             from tdro.config import coerce_overrides
 
             fixed = coerce_overrides(overrides)
+            _check_config_keys(fixed, "overrides (-p)")
             base.update(fixed)
             for key in fixed:
                 space.pop(key, None)  # fixing a searched key removes it from the search

@@ -13,13 +13,13 @@ Widgets are imported on first use, so ``import tdro.viz`` does not need ipywidge
 from tdro.viz.static import (LatentSnapshot, class_colors, ellipse_parameters, latent_epochs, load_latents,
                              metric_columns, plot_confusions, plot_group_accuracy, plot_group_weights,
                              plot_latent_epochs, plot_latent_view, plot_latents, plot_learning_rates, plot_losses, plot_metric_curves,
-                             plot_weights_by_run, run_facts, run_metrics_table, show, summary_table)
+                             plot_weights_by_run, run_facts, run_metrics_table, show, summary_table, figure_png)
 
 __all__ = [
     "LatentExplorer", "LatentSnapshot", "RunDashboard", "class_colors", "ellipse_parameters", "latent_epochs",
     "load_latents", "metric_columns", "plot_confusions", "plot_group_accuracy", "plot_group_weights",
     "plot_latent_epochs", "plot_latent_view", "plot_latents", "plot_learning_rates", "plot_losses", "plot_metric_curves",
-    "plot_weights_by_run", "run_facts", "run_metrics_table", "show", "summary_table",
+    "plot_weights_by_run", "run_facts", "run_metrics_table", "show", "summary_table", "figure_png",
 ]
 
 

@@ -39,14 +39,20 @@ def plot_arm_weights(result, seed: int | None = None) -> Figure:
     seed = result.plan.seeds[0] if seed is None else seed
     rows = result.runs[result.runs["seed"] == seed]
     labels = {plan.name: plan.arm.label for plan in result.plan.arms}
+    runs = [load_run(p) for p in rows["run_dir"]]
+    if not any(run.config.get("groupdro_enabled") for run in runs):
+        fig, ax = plt.subplots(figsize=(8, 1.4), constrained_layout=True)
+        _empty(ax, "GroupDRO is off in every arm of this phase (ERM): no group weights")
+        ax.set_title(f"{result.plan.spec.title}: GroupDRO weights per arm")
+        return fig
     n = max(len(rows), 1)
     cols = min(3, n)
     nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.8 * cols, 3.0 * nrows), constrained_layout=True, squeeze=False)
     if rows.empty:
         _empty(axes[0, 0], f"no runs for seed {seed}")
-    for ax, row in zip(axes.flat, rows.itertuples()):
-        plot_group_weights(load_run(row.run_dir), ax=ax)
+    for ax, row, run in zip(axes.flat, rows.itertuples(), runs):
+        plot_group_weights(run, ax=ax)
         ax.set_title(f"{labels.get(row.arm, row.arm)} (seed {seed})", fontsize=9)
     for ax in list(axes.flat)[len(rows):]:
         ax.set_visible(False)
@@ -74,6 +80,7 @@ def plot_impact(table: pd.DataFrame) -> Figure:
             else:
                 ax.plot(diff, yi, "o", color="C0", mfc="white")
         ax.axvline(0, color="0.3", lw=0.8)
+        ax.set_ylim(-0.6, len(arms) - 0.4)
         ax.set(title=f"{title}, pp vs baseline (95% CI)", xlabel="percentage points")
     axes[0].set_yticks(y, [table.loc[a, "label"] for a in arms])
     return fig

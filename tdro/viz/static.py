@@ -31,21 +31,33 @@ METRIC_LABELS = {
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def show(fig: Figure, dpi: int = 100) -> None:
-    """Display a figure as a PNG image and close it.
-
-    Works with any matplotlib backend (``MPLBACKEND=agg`` under papermill included), so executed
-    notebooks and their HTML exports always carry the picture; inside an ipywidgets ``Output`` the
-    image becomes part of the widget's state.
-    """
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """A figure as PNG bytes; the figure is closed."""
     from io import BytesIO
-
-    from IPython.display import Image, display
 
     buffer = BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    display(Image(data=buffer.getvalue(), format="png"))
+    return buffer.getvalue()
+
+
+def figure_description(fig: Figure) -> str:
+    """A one-line text description of a figure (its title and panel titles), for alt text."""
+    parts = [fig._suptitle.get_text()] if getattr(fig, "_suptitle", None) is not None else []
+    parts += [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    return "; ".join(dict.fromkeys(p for p in parts if p)) or "figure"
+
+
+def show(fig: Figure, dpi: int = 100) -> None:
+    """Display a figure as a PNG image (with its titles as alt text) and close it.
+
+    Works with any matplotlib backend (``MPLBACKEND=agg`` under papermill included), so executed
+    notebooks and their HTML exports always carry the picture.
+    """
+    from IPython.display import Image, display
+
+    alt = figure_description(fig)
+    display(Image(data=figure_png(fig, dpi), format="png", alt=alt))
 
 
 def as_run(run: str | Path | Run) -> Run:
@@ -90,6 +102,13 @@ def _epochs(history: pd.DataFrame) -> np.ndarray:
     return history["epoch"].to_numpy() + 1  # records count epochs from 0; plots from 1
 
 
+def _integer_x(*axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 # --------------------------------------------------------------------------------------------- one run
 def plot_losses(run: str | Path | Run) -> Figure:
     """Left: train and validation loss per epoch (and the classification part); right: anchor loss parts.
@@ -106,6 +125,7 @@ def plot_losses(run: str | Path | Run) -> Figure:
         left.plot(epochs, history["train.cls"], marker=".", ls="--", label="train cls")
     if "val.loss" in history:
         left.plot(epochs, history["val.loss"], marker="s", label="val loss (cls)")
+    _integer_x(left, right)
     left.set(xlabel="epoch", ylabel="loss", title="Loss")
     left.legend(fontsize=8)
     parts = [p for p in ("fit", "sep") if f"train.{p}" in history and np.nanmax(np.abs(history[f"train.{p}"])) > 0]
@@ -143,7 +163,8 @@ def plot_group_accuracy(run: str | Path | Run, split: str = "val") -> Figure:
     selected = run.summary.get("selected_epoch")
     if selected is not None:
         ax.axvline(selected + 1, color="0.6", lw=0.8)
-        ax.text(selected + 1, 0.02, " selected", color="0.4", fontsize=8, transform=ax.get_xaxis_transform())
+        ax.text(selected + 1, 0.98, " selected", color="0.4", fontsize=8, va="top", transform=ax.get_xaxis_transform())
+    _integer_x(ax)
     ax.set(xlabel="epoch", ylabel="accuracy", title=f"Per-group accuracy ({split})", ylim=(-0.02, 1.02))
     ax.legend(fontsize=8, loc="lower right")
     return fig
@@ -159,32 +180,51 @@ def _highlighted_group(run: Run, split: str) -> str | None:
 
 
 def plot_group_weights(run: str | Path | Run, ax=None) -> Figure:
-    """GroupDRO weights q per group over training steps (steps.jsonl), with the epoch-end values as markers."""
+    """GroupDRO weights q per group over training steps (steps.jsonl), with the epoch-end values as dots.
+
+    With ``groupdro_cells: group_class`` the weights are per (group, class) cell (``group/class``):
+    each group's total weight is drawn bold and its cells thin, in the group's colour.
+    """
     run = as_run(run)
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(7.5, 3.4), constrained_layout=True)
     steps = _group_columns(run.steps, "q.") if not run.steps.empty else {}
     epochs = _group_columns(run.history, "q.") if not run.history.empty else {}
+    if steps and epochs and run.steps["step"].nunique() < max(2, len(run.history)):
+        steps = {}  # fewer logged steps than epochs (log_interval above the steps per epoch): use the epochs
     if not steps and not epochs:
         _empty(ax, "GroupDRO off (ERM): no group weights")
     else:
-        colors = {}
-        for group, column in steps.items():
-            line, = ax.plot(run.steps["step"], run.steps[column], lw=1.5, label=group)
-            colors[group] = line.get_color()
-        if epochs and "step" in run.steps and not run.steps.empty:
+        table, x = (run.steps, run.steps["step"]) if steps else (run.history, run.history["epoch"] + 1)
+        columns = steps or epochs
+        cells = any("/" in key for key in columns)
+        by_group: dict[str, list[str]] = {}
+        for key, column in columns.items():
+            by_group.setdefault(key.split("/")[0], []).append(column)
+        for i, (group, group_columns) in enumerate(by_group.items()):
+            color = f"C{i % 10}"
+            if cells:
+                for column in group_columns:
+                    ax.plot(x, table[column], lw=0.7, alpha=0.45, color=color)
+                ax.plot(x, table[group_columns].sum(axis=1), lw=2.2, color=color, label=f"{group} (sum of its cells)")
+            else:
+                ax.plot(x, table[group_columns[0]], lw=1.8, color=color, label=group)
+        if steps and epochs and not cells:
             last_step = run.steps.groupby("epoch")["step"].max()
-            for group, column in epochs.items():
-                x = run.history["epoch"].map(last_step)
-                ax.plot(x, run.history[column], ls="none", marker="o", color=colors.get(group), ms=4)
+            for i, (group, column) in enumerate(epochs.items()):
+                ax.plot(run.history["epoch"].map(last_step), run.history[column], ls="none", marker="o",
+                        color=f"C{i % 10}", ms=4)
         warmup = run.config.get("groupdro_warmup_epochs") or 0
-        if warmup and "epoch" in run.steps and not run.steps.empty:
+        if warmup and steps and "epoch" in run.steps:
             warm = run.steps.loc[run.steps["epoch"] < warmup, "step"]
             if len(warm):
                 ax.axvspan(run.steps["step"].min(), warm.max(), color="0.9", zorder=0, label="warm-up (q held)")
+        elif warmup and not steps:
+            _integer_x(ax)
+            ax.axvspan(0.5, min(warmup, len(run.history)) + 0.5, color="0.9", zorder=0, label="warm-up (q held)")
         ax.legend(fontsize=8)
-        ax.set(xlabel="step", ylabel="q (group weight)", ylim=(0, 1))
+        ax.set(xlabel="step" if steps else "epoch", ylabel="q (thin: cells)" if cells else "q (group weight)", ylim=(0, 1))
     ax.set_title(f"GroupDRO weights — {run_label(run)}" if fig is None else "GroupDRO weights per group")
     return fig if fig is not None else ax.figure
 
@@ -200,6 +240,7 @@ def plot_learning_rates(run: str | Path | Run) -> Figure:
         ax.plot(epochs, history[column], marker="o", label=name)
     if columns and (history[list(columns.values())] > 0).all().all():
         ax.set_yscale("log")
+    _integer_x(ax)
     note = "" if "backbone" in columns else "; no backbone parameters"
     ax.set(xlabel="epoch", ylabel="learning rate",
            title=f"LR per parameter group ({run.config.get('lr_scheduler', '?')} schedule{note})")
@@ -429,6 +470,7 @@ def plot_metric_curves(runs: Iterable[str | Path | Run], metric: str = "val.wors
             if run.history.empty or metric not in run.history:
                 continue
             ax.plot(_epochs(run.history), run.history[metric], marker="o", ms=3, label=label)
+    _integer_x(ax)
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)

@@ -3,8 +3,14 @@ and ``RunDashboard`` (select runs under a folder, filter by dataset and arm, ove
 GroupDRO weights and a summary table).
 
 Every view draws with the static functions of ``tdro.viz.static``, so a report can show the same
-figure above the widget for readers without a kernel. Display a view with ``display(view)`` or by
-leaving it last in a cell; ``view.widget`` is the top-level ipywidgets container.
+figure above the widget for readers without a kernel. Display a view by leaving it last in a cell
+(or ``display(view)``); ``view.widget`` is the top-level ipywidgets container.
+
+Figures go into ``widgets.Image`` (PNG bytes) and tables into ``widgets.HTML``, never into an
+``widgets.Output``: headless execution (papermill/nbclient) mimics Output widgets by sending comm
+messages on the shell channel while it waits for the cell's reply there, which sometimes hangs the
+execution for good (jupyter/nbclient#312). Image and HTML values are plain widget state, saved in
+the executed notebook's metadata.
 """
 from __future__ import annotations
 
@@ -12,11 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ipywidgets as widgets
-from IPython.display import clear_output, display
+import pandas as pd
+from IPython.display import display
 
 from tdro.runs import Run, find_runs
-from tdro.viz.static import (as_run, show, latent_epochs, load_latents, metric_columns, phase_metadata, plot_latents,
-                             plot_metric_curves, plot_weights_by_run, run_label, summary_table)
+from tdro.viz.static import (as_run, figure_png, latent_epochs, load_latents, metric_columns, phase_metadata,
+                             plot_latents, plot_metric_curves, plot_weights_by_run, run_label, summary_table)
 
 ALL = "(all)"
 
@@ -26,6 +33,10 @@ class _View:
 
     def _ipython_display_(self) -> None:
         display(self.widget)
+
+
+def _image() -> widgets.Image:
+    return widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
 
 
 class LatentExplorer(_View):
@@ -46,16 +57,14 @@ class LatentExplorer(_View):
         self.play = widgets.Play(min=0, max=len(self.epochs) - 1, value=self.epochs.index(start), interval=800,
                                  description="play")
         self.play.observe(lambda change: setattr(self.slider, "value", self.epochs[change["new"]]), names="value")
-        self.output = widgets.Output()
+        self.image = _image()
         self.slider.observe(lambda change: self.draw(change["new"]), names="value")
-        self.widget = widgets.VBox([widgets.HBox([self.play, self.slider]), self.output])
+        self.widget = widgets.VBox([widgets.HBox([self.play, self.slider]), self.image])
         self.draw(start)
 
     def draw(self, epoch: int) -> None:
-        """Redraw the latent view of ``epoch`` (0-based, as in the file names)."""
-        with self.output:
-            clear_output(wait=True)
-            show(plot_latents(load_latents(self.run, epoch)))
+        """Show the latent view of ``epoch`` (0-based, as in the file names)."""
+        self.image.value = figure_png(plot_latents(load_latents(self.run, epoch)))
 
 
 class RunDashboard(_View):
@@ -74,18 +83,17 @@ class RunDashboard(_View):
         self.run_select = widgets.SelectMultiple(description="runs", rows=8, layout=widgets.Layout(width="60%"))
         self.metric = widgets.Dropdown(description="metric")
         self.refresh_button = widgets.Button(description="rescan folder", icon="refresh")
-        self.curves = widgets.Output()
-        self.weights = widgets.Output()
-        self.table = widgets.Output()
+        self.curves = _image()
+        self.weights = _image()
+        self.table = widgets.HTML()
+        tab = widgets.Tab(children=[self.curves, self.weights, self.table])
+        for i, title in enumerate(("curves", "GroupDRO weights", "summary")):
+            tab.set_title(i, title)
         self.widget = widgets.VBox([
             widgets.HTML(f"<b>Runs under</b> <code>{self.root}</code>"),
             widgets.HBox([self.dataset_filter, self.arm_filter, self.refresh_button]),
-            self.run_select, self.metric,
-            widgets.Tab(children=[self.curves, self.weights, self.table]),
+            self.run_select, self.metric, tab,
         ])
-        tab = self.widget.children[-1]
-        for i, title in enumerate(("curves", "GroupDRO weights", "summary")):
-            tab.set_title(i, title)
         self._initial_metric = metric
         self._updating = False
         self.scan()
@@ -98,16 +106,15 @@ class RunDashboard(_View):
     # --- data ---
     def scan(self) -> None:
         """(Re)load every run under the root folder and reset the filters."""
-        paths = find_runs(self.root)
         self.runs: dict[str, Run] = {}
         self.meta: dict[str, dict] = {}
-        for path in paths:
+        for path in find_runs(self.root):
             run = as_run(path)
             label = self._unique(run_label(run))
             self.runs[label] = run
             meta = phase_metadata(path)
             self.meta[label] = {"dataset": str(run.config.get("dataset")),
-                                "arm": meta.get("arm", "(single runs)"), "phase": meta.get("phase")}
+                                "arm": str(meta.get("arm", "(not a phase run)")), "phase": meta.get("phase")}
         self._updating = True
         try:
             self.dataset_filter.options = [ALL] + sorted({m["dataset"] for m in self.meta.values()})
@@ -123,11 +130,10 @@ class RunDashboard(_View):
         self.redraw()
 
     def _unique(self, label: str) -> str:
-        existing = getattr(self, "runs", {})
-        if label not in existing:
+        if label not in self.runs:
             return label
         i = 2
-        while f"{label} ({i})" in existing:
+        while f"{label} ({i})" in self.runs:
             i += 1
         return f"{label} ({i})"
 
@@ -169,10 +175,18 @@ class RunDashboard(_View):
         self.metric.value = metric
 
     def set_filters(self, dataset: str = ALL, arm: str = ALL) -> None:
-        self.dataset_filter.value = dataset
-        self.arm_filter.value = arm
+        for name, dropdown, value in (("dataset", self.dataset_filter, dataset), ("arm", self.arm_filter, arm)):
+            if value not in dropdown.options:
+                raise ValueError(f"no runs with {name} {value!r}; available: {list(dropdown.options)}")
+        self._updating = True
+        try:
+            self.dataset_filter.value, self.arm_filter.value = dataset, arm
+            self._apply_filters()
+        finally:
+            self._updating = False
+        self.redraw()
 
-    def summary(self) -> "pd.DataFrame":  # noqa: F821 - pandas in the return annotation only
+    def summary(self) -> pd.DataFrame:
         """The summary table of the selected runs."""
         labels = self.selected
         return summary_table([self.runs[label] for label in labels], labels)
@@ -188,21 +202,15 @@ class RunDashboard(_View):
     def draw_curves(self) -> None:
         if self._updating:
             return
-        with self.curves:
-            clear_output(wait=True)
-            labels = self.selected
-            if not labels or self.metric.value is None:
-                print("select at least one run")
-                return
-            show(plot_metric_curves([self.runs[label] for label in labels], self.metric.value, labels))
+        labels = self.selected
+        self.curves.value = figure_png(plot_metric_curves([self.runs[label] for label in labels],
+                                                          self.metric.value or "val.worst_group_acc", labels))
 
     def draw_weights(self) -> None:
-        with self.weights:
-            clear_output(wait=True)
-            labels = self.selected
-            show(plot_weights_by_run([self.runs[label] for label in labels], labels))
+        labels = self.selected
+        self.weights.value = figure_png(plot_weights_by_run([self.runs[label] for label in labels], labels))
 
     def draw_table(self) -> None:
-        with self.table:
-            clear_output(wait=True)
-            display(self.summary())
+        table = self.summary()
+        self.table.value = (table.round(4).to_html(index=False, na_rep="—") if len(table)
+                            else "<i>no runs selected</i>")

@@ -1,0 +1,330 @@
+"""tdro.viz: static figures, tables and widgets over hand-written run directories (the record contract
+of docs/ARCHITECTURE.md), and the notebook-parameter helper."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.patches import Ellipse  # noqa: E402
+
+from tdro import viz  # noqa: E402
+from tdro.config import Config, ConfigError  # noqa: E402
+from tdro.runs import append_jsonl, load_run, write_json_atomic  # noqa: E402
+from tdro.training.metrics import metrics_from_counts  # noqa: E402
+from tdro.viz.notebook import (config_from_namespace, config_overrides, injected_names,  # noqa: E402
+                               parameters_source)
+
+GROUPS = ["mnist", "usps"]
+CLASSES = ["0", "1", "2"]
+
+
+def metrics(seed: int, worst: str | None = None) -> dict:
+    """Real METRICS from random counts; ``worst`` makes that group clearly the worst."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 20, size=(2, 3, 3))
+    if worst is not None:
+        g = GROUPS.index(worst)
+        counts[g] = counts[g] * (1 - np.eye(3, dtype=int)) + np.eye(3, dtype=int)  # mostly wrong
+        counts[1 - g] += 50 * np.eye(3, dtype=int)
+    return metrics_from_counts(counts.tolist(), (rng.uniform(1, 5, size=2) * counts.sum(axis=(1, 2))).tolist(),
+                               GROUPS, CLASSES)
+
+
+def write_run(root: Path, name: str, *, epochs: int = 3, groupdro: bool = True, cells: bool = False,
+              dataset: str = "digits", finished: bool = True, latents: bool = True, phase: dict | None = None,
+              backbone: bool = True) -> Path:
+    """A run directory as the trainer writes it (config, history, steps, summary, latents, phase.json)."""
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    config = {**Config().to_dict(), "dataset": dataset, "groupdro_enabled": groupdro, "epochs": epochs,
+              "groupdro_warmup_epochs": 1}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    keys = [f"{g}/{c}" for g in GROUPS for c in CLASSES] if cells else GROUPS
+    step = 0
+    for epoch in range(epochs):
+        q = None
+        if groupdro:
+            raw = np.linspace(1, 1 + epoch, len(keys))
+            q = dict(zip(keys, (raw / raw.sum()).tolist()))
+        for _ in range(2):
+            step += 1
+            append_jsonl(run / "steps.jsonl", {"step": step, "epoch": epoch, "loss": 1.0 / step, "cls": 0.9 / step,
+                                               "fit": 0.5, "sep": 0.2, "q": q})
+        lr = {"backbone": 1e-4 / (epoch + 1), "new": 1e-3 / (epoch + 1)} if backbone else {"new": 1e-3}
+        append_jsonl(run / "history.jsonl", {
+            "epoch": epoch, "train": {"loss": 1.0 - 0.1 * epoch, "cls": 0.9 - 0.1 * epoch, "fit": 0.5, "sep": 0.2,
+                                      "acc": 0.5 + 0.1 * epoch, "group_loss": {"mnist": 0.8, "usps": 1.2}},
+            "q": q, "lr": lr, "val": metrics(epoch, worst="usps"), "epoch_seconds": 1.5,
+            "samples_per_second": 1000.0 + 100 * epoch, "peak_memory_mb": 100.0 + 10 * epoch, "steps": 2,
+            "nonfinite_steps": 0, "monitor": {"name": "val_worst_group_acc", "value": 0.5, "improved": True}})
+        if latents:
+            (run / "latents").mkdir(exist_ok=True)
+            rng = np.random.default_rng(epoch)
+            np.savez_compressed(
+                run / "latents" / f"epoch_{epoch:03d}.npz", points=rng.normal(size=(30, 2)),
+                labels=np.arange(30) % 3, groups=(np.arange(30) >= 20).astype(int),
+                means=np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]]),
+                covariances=np.stack([np.diag([1.0, 0.25]), np.eye(2), np.array([[2.0, 1.0], [1.0, 2.0]])]),
+                group_names=np.array(GROUPS), class_names=np.array(CLASSES), explained_variance=np.array([0.6, 0.3]))
+    if finished:
+        write_json_atomic(run / "summary.json", {
+            "run_id": name, "selected_epoch": 1, "monitor": "val_worst_group_acc", "monitor_value": 0.5,
+            "selection_split": "val", "test_selection": False, "epochs_run": epochs,
+            "val": metrics(10, worst="usps"), "test": metrics(11, worst="usps"), "wall_seconds": 12.5,
+            "parameter_count": 1234, "device": "cpu", "groups": GROUPS, "classes": CLASSES,
+            "config_hash": "abc"})
+    if phase:
+        (run / "phase.json").write_text(json.dumps(phase))
+    return run
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return write_run(tmp_path, "run_a")
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+# ------------------------------------------------------------------------------------------- one run
+def test_losses_figure_has_train_val_and_parts(run_dir):
+    fig = viz.plot_losses(run_dir)
+    left, right = fig.axes
+    labels = [line.get_label() for line in left.lines]
+    assert labels == ["train loss (total)", "train cls", "val loss (cls)"]
+    assert [line.get_label() for line in right.lines] == ["fit (unweighted)", "sep (unweighted)"]
+    np.testing.assert_allclose(left.lines[0].get_xdata(), [1, 2, 3])  # epochs counted from 1
+
+
+def test_group_accuracy_highlights_the_worst_group(run_dir):
+    fig = viz.plot_group_accuracy(run_dir, "val")
+    lines = {line.get_label(): line for line in fig.axes[0].lines}
+    assert "usps (worst)" in lines and "mnist" in lines
+    assert lines["usps (worst)"].get_linewidth() > lines["mnist"].get_linewidth()
+    history = load_run(run_dir).history
+    np.testing.assert_allclose(lines["usps (worst)"].get_ydata(), history["val.group_acc.usps"])
+    assert "worst group (per epoch)" in lines
+
+
+def test_group_weights_per_group_and_erm_note(tmp_path, run_dir):
+    fig = viz.plot_group_weights(run_dir)
+    ax = fig.axes[0]
+    curves = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    assert set(curves) == {"mnist", "usps"}
+    steps = load_run(run_dir).steps
+    np.testing.assert_allclose(curves["usps"].get_ydata(), steps["q.usps"])
+    assert any("warm-up" in t.get_text() for t in ax.get_legend().get_texts())
+
+    erm = write_run(tmp_path, "erm", groupdro=False)
+    texts = [t.get_text() for t in viz.plot_group_weights(erm).axes[0].texts]
+    assert texts == ["GroupDRO off (ERM): no group weights"]
+
+
+def test_group_weights_over_group_class_cells_sum_per_group(tmp_path):
+    run = write_run(tmp_path, "cells", cells=True)
+    ax = viz.plot_group_weights(run).axes[0]
+    sums = {line.get_label(): line for line in ax.lines if "sum of its cells" in line.get_label()}
+    assert set(sums) == {"mnist (sum of its cells)", "usps (sum of its cells)"}
+    steps = load_run(run).steps
+    expected = steps[[f"q.mnist/{c}" for c in CLASSES]].sum(axis=1)
+    np.testing.assert_allclose(sums["mnist (sum of its cells)"].get_ydata(), expected)
+    assert len(ax.lines) == 6 + 2  # thin cells + bold sums
+
+
+def test_learning_rates_per_parameter_group(tmp_path, run_dir):
+    ax = viz.plot_learning_rates(run_dir).axes[0]
+    assert {line.get_label() for line in ax.lines} == {"backbone", "new"}
+    assert ax.get_yscale() == "log"
+    ax = viz.plot_learning_rates(write_run(tmp_path, "nb", backbone=False)).axes[0]
+    assert "no backbone parameters" in ax.get_title()
+
+
+def test_ellipse_parameters_are_two_sigma_axes():
+    width, height, angle = viz.ellipse_parameters(np.diag([4.0, 1.0]))
+    assert (width, height) == pytest.approx((8.0, 4.0))
+    assert abs(angle) % 180 == pytest.approx(0.0, abs=1e-9)
+    width, height, angle = viz.ellipse_parameters(np.array([[2.0, 1.0], [1.0, 2.0]]))
+    assert (width, height) == pytest.approx((4 * math.sqrt(3), 4.0))
+    assert angle % 180 == pytest.approx(45.0)
+
+
+def test_latent_view_marks_groups_and_draws_anchor_ellipses(run_dir):
+    snapshot = viz.load_latents(run_dir)  # default: the selected epoch (1)
+    assert snapshot.epoch == 1 and snapshot.group_names == GROUPS and snapshot.class_names == CLASSES
+    ax = viz.plot_latents(snapshot).axes[0]
+    ellipses = [p for p in ax.patches if isinstance(p, Ellipse)]
+    assert len(ellipses) == 3
+    np.testing.assert_allclose([e.center for e in ellipses], snapshot.means)
+    assert ellipses[0].width == pytest.approx(4.0) and ellipses[0].height == pytest.approx(2.0)
+    groups = [c for c in ax.collections if c.get_label().startswith("group ")]
+    assert [len(c.get_offsets()) for c in groups] == [20, 10]
+    assert "60%" in ax.get_xlabel()
+    assert viz.latent_epochs(run_dir) == [0, 1, 2]
+    with pytest.raises(FileNotFoundError, match="no latent snapshot for epoch 7"):
+        viz.load_latents(run_dir, 7)
+
+
+def test_latent_epochs_figure_and_runs_without_latents(tmp_path, run_dir):
+    assert len(viz.plot_latent_epochs(run_dir, max_panels=2).axes) == 2
+    bare = write_run(tmp_path, "bare", latents=False)
+    fig = viz.plot_latent_view(bare)
+    assert "no latent snapshots" in fig.axes[0].texts[0].get_text()
+    assert "no latent snapshots" in viz.plot_latent_epochs(bare).axes[0].texts[0].get_text()
+
+
+def test_confusions_one_heatmap_per_group(run_dir):
+    fig = viz.plot_confusions(run_dir, "test")
+    assert [ax.get_title().split(" ")[0] for ax in fig.axes] == GROUPS
+    summary = load_run(run_dir).summary
+    annotations = [int(t.get_text()) for t in fig.axes[0].texts]
+    assert annotations == np.asarray(summary["test"]["group_confusion"]["mnist"]).ravel().tolist()
+
+
+def test_run_tables(run_dir):
+    table = viz.run_metrics_table(run_dir)
+    assert list(table.index) == ["val", "test"]
+    summary = load_run(run_dir).summary
+    assert table.loc["test", "worst-group acc"] == summary["test"]["worst_group_acc"]
+    assert table.loc["test", "worst group"] == "usps"
+    assert table.loc["val", "acc usps"] == summary["val"]["group_acc"]["usps"]
+    facts = viz.run_facts(run_dir)
+    assert facts["selected epoch"] == 2  # epoch 1 (0-based) shown from 1
+    assert facts["peak memory (MB)"] == 120.0
+    assert facts["samples/s (mean)"] == pytest.approx(1100.0)
+    assert facts["wall time (s)"] == 12.5
+
+
+# ------------------------------------------------------------------------------------------- many runs
+def test_metric_curves_and_summary_of_many_runs(tmp_path):
+    a = write_run(tmp_path, "a", phase={"phase": "p1", "arm": "baseline", "seed": 0})
+    b = write_run(tmp_path, "b", epochs=2, groupdro=False)
+    ax = viz.plot_metric_curves([a, b], "val.worst_group_acc").axes[0]
+    assert [line.get_label() for line in ax.lines] == ["baseline s0", "b"]
+    assert viz.metric_columns([a, b])[0].startswith("val.")
+    agg = viz.plot_metric_curves([a, b], "train.loss", aggregate={"both": [0, 1]}).axes[0]
+    assert [line.get_label() for line in agg.lines] == ["both (n=2)"]
+    np.testing.assert_allclose(agg.lines[0].get_ydata(), [1.0, 0.9, 0.8])  # epoch 3 from run a only
+    table = viz.summary_table([a, b])
+    assert list(table["run"]) == ["baseline s0", "b"]
+    assert table.loc[0, "test worst-group acc"] == load_run(a).summary["test"]["worst_group_acc"]
+    assert len(viz.plot_weights_by_run([a, b]).axes) == 2
+
+
+# ------------------------------------------------------------------------------------------- widgets
+def test_latent_explorer_steps_through_epochs(run_dir):
+    explorer = viz.LatentExplorer(run_dir)
+    assert [value for _, value in explorer.slider.options] == [0, 1, 2]
+    assert explorer.slider.value == 1  # starts at the selected epoch
+    first = explorer.image.value
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+    explorer.slider.value = 2
+    assert explorer.image.value != first
+    explorer.play.value = 0
+    assert explorer.slider.value == 0
+
+
+def test_latent_explorer_without_latents(tmp_path):
+    explorer = viz.LatentExplorer(write_run(tmp_path, "bare", latents=False))
+    assert "nothing to explore" in explorer.widget.value
+
+
+def test_dashboard_filters_selects_and_redraws(tmp_path):
+    write_run(tmp_path, "p_base", phase={"phase": "p1", "arm": "baseline", "seed": 0})
+    write_run(tmp_path, "p_arm", phase={"phase": "p1", "arm": "batch_64", "seed": 0})
+    write_run(tmp_path, "heart_run", dataset="heart", groupdro=False)
+    write_run(tmp_path / "nested", "unfinished", finished=False)
+    board = viz.RunDashboard(tmp_path, metric="val.acc")
+    assert list(board.run_select.options) == ["heart_run", "unfinished", "batch_64 s0", "baseline s0"]  # by path
+    assert board.selected == list(board.run_select.options)
+    assert list(board.dataset_filter.options) == ["(all)", "digits", "heart"]
+    assert "batch_64" in board.arm_filter.options
+    assert board.metric.value == "val.acc"
+    assert board.curves.value[:4] == b"\x89PNG" and "<table" in board.table.value
+
+    board.set_filters(dataset="digits", arm="batch_64")
+    assert list(board.run_select.options) == ["batch_64 s0"] and board.selected == ["batch_64 s0"]
+    board.set_filters()
+    board.select(["baseline s0", "heart_run"])
+    before = board.curves.value
+    board.set_metric("train.loss")
+    assert board.curves.value != before
+    summary = board.summary()
+    assert list(summary["run"]) == ["baseline s0", "heart_run"]
+    assert list(summary["dataset"]) == ["digits", "heart"]
+    with pytest.raises(ValueError, match="not recorded"):
+        board.set_metric("val.nonsense")
+    with pytest.raises(ValueError, match="no runs with dataset"):
+        board.set_filters(dataset="textcaps")
+    board.select([])
+    assert "no runs selected" in board.table.value
+
+
+def test_dashboard_widget_state_is_plain_state(tmp_path):
+    """No ipywidgets.Output anywhere: headless execution can hang on them (jupyter/nbclient#312)."""
+    import ipywidgets as widgets
+
+    write_run(tmp_path, "a")
+    board = viz.RunDashboard(tmp_path)
+
+    def walk(w):
+        yield w
+        for child in getattr(w, "children", ()):
+            yield from walk(child)
+
+    kinds = {type(w) for w in walk(board.widget)}
+    assert widgets.Output not in kinds and widgets.Image in kinds and widgets.SelectMultiple in kinds
+
+
+# ------------------------------------------------------------------------------------------- notebook parameters
+def test_injected_names_reads_the_last_papermill_cell():
+    history = ["", "# Config keys ...\nlr = 0.001", "# Parameters\nlr = 0.01\nepochs = 2\n", "x = 1"]
+    assert injected_names(history) == ["lr", "epochs"]
+    assert injected_names(["", "a = 1"]) == []
+    assert injected_names(None) == []
+
+
+def test_config_overrides_precedence(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("groupdro_enabled: true\nlr: 0.05\nepochs: 4\n")
+    defaults = Config()
+    namespace = {
+        "parameters_file": [str(params)], "render_run": "",
+        "lr": defaults.lr, "epochs": defaults.epochs, "latent_dim": 32, "groupdro_enabled": False,
+        # papermill injected lr (explicitly the default: it must still beat the file) and an unlisted key
+        "In": ["", "# Parameters\nlr = 0.001\nhead_hidden = 7\n"], "head_hidden": 7,
+    }
+    files, overrides = config_overrides(namespace, ("parameters_file", "render_run"))
+    assert files == [str(params)]
+    assert overrides == {"lr": 0.001, "head_hidden": 7, "latent_dim": 32}
+    config = config_from_namespace(namespace, ("parameters_file", "render_run"))
+    assert (config.lr, config.head_hidden, config.latent_dim) == (0.001, 7, 32)
+    assert config.groupdro_enabled is True and config.epochs == 4  # from the file (listed defaults do not override)
+
+
+def test_invalid_parameters_fail_with_the_config_message():
+    with pytest.raises(ConfigError, match="unknown key 'latnt_dim'.*did you mean 'latent_dim'"):
+        config_from_namespace({"In": ["# Parameters\nlatnt_dim = 3\n"], "latnt_dim": 3})
+    with pytest.raises(ConfigError, match="key 'lr' has value -1.0"):
+        config_from_namespace({"lr": -1.0})
+
+
+def test_parameters_source_uses_config_defaults():
+    source = parameters_source(["dataset", "lr", "groups"], {"render_run": ("", "a = b")})
+    namespace: dict = {}
+    exec(source, namespace)  # noqa: S102 - our own generated source
+    assert namespace["dataset"] == Config().dataset and namespace["lr"] == Config().lr and namespace["groups"] is None
+    assert namespace["render_run"] == ""
+    assert all("=" not in line.split("#", 1)[1] for line in source.splitlines() if "#" in line and " = " in line)
+    with pytest.raises(KeyError, match="not a Config key"):
+        parameters_source(["latnt_dim"])
