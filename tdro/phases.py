@@ -429,20 +429,19 @@ def plan_phase(spec: PhaseSpec | str | Path, dataset: str = "digits", seeds: int
 
 # ============================================================================================ runs
 def run_hash(run_dir: Path) -> str | None:
-    """The result hash of a run directory (from summary.json, else from its config.yaml); None if unreadable."""
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            value = json.loads(summary.read_text()).get("config_hash")
-            if value:
-                return value
-        except json.JSONDecodeError:
-            pass
+    """The result hash of a run directory's config.yaml under today's Config (keys added since then take
+    their defaults); a config that no longer loads falls back to the hash in summary.json, else None."""
     try:
         return Config.load([run_dir / "config.yaml"]).result_hash()
     except (ConfigError, OSError) as err:
-        warnings.warn(f"skipping {run_dir}: its config.yaml does not load ({err})", stacklevel=2)
-        return None
+        summary = run_dir / "summary.json"
+        try:
+            value = json.loads(summary.read_text()).get("config_hash") if summary.is_file() else None
+        except json.JSONDecodeError:
+            value = None
+        if value is None:
+            warnings.warn(f"skipping {run_dir}: its config.yaml does not load ({err})", stacklevel=2)
+        return value
 
 
 def index_runs(root: str | Path) -> dict[str, list[Path]]:

@@ -58,7 +58,8 @@ def test_train_parameters_are_the_config_defaults():
     defaults = Config().to_dict()
     config_keys = {k: v for k, v in values.items() if k in defaults}
     assert set(values) - set(config_keys) == TRAIN_NOTEBOOK_PARAMETERS
-    assert config_keys == {k: defaults[k] for k in config_keys}, "regenerate with tdro.viz.notebook.parameters_source"
+    assert config_keys == {k: defaults[k] for k in config_keys}, (
+        "the Config's defaults changed: run tdro.viz.notebook.refresh_parameters_cell('notebooks/train.ipynb')")
     assert {"dataset", "visual_encoder", "text_encoder", "run_name", "epochs", "latent_dim", "groupdro_enabled"} <= set(values)
 
 

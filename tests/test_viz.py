@@ -328,3 +328,24 @@ def test_parameters_source_uses_config_defaults():
     assert all("=" not in line.split("#", 1)[1] for line in source.splitlines() if "#" in line and " = " in line)
     with pytest.raises(KeyError, match="not a Config key"):
         parameters_source(["latnt_dim"])
+
+
+def test_refresh_parameters_cell_restores_config_defaults(tmp_path):
+    import ast
+    import shutil
+
+    import nbformat
+
+    from tdro.viz.notebook import refresh_parameters_cell
+
+    path = tmp_path / "train.ipynb"
+    shutil.copy(Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb", path)
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source = cell.source.replace("\nlr = 0.001 ", "\nlr = 0.5 ")
+    nbformat.write(nb, path)
+    assert refresh_parameters_cell(path) is True
+    source = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", [])).source
+    values = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(source).body if isinstance(n, ast.Assign)}
+    assert values["lr"] == Config().lr and values["render_run"] == "" and values["parameters_file"] == []
+    assert refresh_parameters_cell(path) is False

@@ -11,13 +11,15 @@ be passed that way, listed or not. ``config_from_namespace(globals())`` then bui
 3. every listed Config key whose value differs from the Config default (edited by hand in
    JupyterLab).
 
-Invalid values fail here, in the first code cell, with the Config's error message.
+Invalid values fail here, in the first code cell, with the Config's error message. When a Config
+default changes, ``refresh_parameters_cell("notebooks/train.ipynb")`` rewrites the cell to match.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from tdro.config import Config
@@ -75,6 +77,37 @@ def parameters_source(keys: Sequence[str], notebook_parameters: Mapping[str, tup
         for name, (value, comment) in notebook_parameters.items():
             lines.append(f"{name} = {value!r}  # {_comment(comment)}")
     return "\n".join(lines)
+
+
+def refresh_parameters_cell(path: str | Path) -> bool:
+    """Rewrite a notebook's ``parameters`` cell with today's Config defaults and meanings, keeping its
+    keys (in order) and its notebook-only parameters (value and comment). Returns whether it changed."""
+    import nbformat
+
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path} must have exactly one cell tagged 'parameters', found {len(cells)}")
+    cell = cells[0]
+    keys, extra = [], {}
+    lines = cell.source.splitlines()
+    for node in ast.parse(cell.source).body:
+        if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
+            continue
+        name = node.targets[0].id
+        if name in Config.keys():
+            keys.append(name)
+        else:
+            text = lines[node.lineno - 1]
+            comment = text.split("#", 1)[1].strip() if "#" in text else ""
+            extra[name] = (ast.literal_eval(node.value), comment)
+    source = parameters_source(keys, extra)
+    if source == cell.source:
+        return False
+    cell.source = source
+    nbformat.write(nb, path)
+    return True
 
 
 def _comment(text: str) -> str:
