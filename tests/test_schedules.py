@@ -70,3 +70,19 @@ def test_plateau_decays_after_patience_without_improvement():
         schedule.observe(value, higher_is_better=True)
     assert factors == [1, 1, 1, 1, 0.5, 0.5, 0.5]
     assert schedule.factor(0) == 0.25
+
+
+@pytest.mark.parametrize("name, cls, extra", [
+    ("adam", torch.optim.Adam, {}),
+    ("adamw", torch.optim.AdamW, {}),
+    ("sgd", torch.optim.SGD, {"momentum": 0.8, "nesterov": True}),
+])
+def test_optimizers_are_built_by_name_with_their_options(name, cls, extra):
+    config = Config(optimizer=name, lr=1e-2, weight_decay=1e-3, **extra)
+    params = {"backbone": [], "new": [torch.nn.Parameter(torch.zeros(2))]}
+    optimizer = create_optimizer(config, params)
+    assert type(optimizer) is cls
+    (group,) = optimizer.param_groups
+    assert group["name"] == "new" and group["lr"] == 1e-2 and group["weight_decay"] == 1e-3
+    for key, value in extra.items():
+        assert group[key] == value

@@ -209,3 +209,37 @@ def test_groupdro_over_group_class_cells_upweights_the_minority_cells(tmp_path):
     minority = [q[f"image/{c}"] for c in classes[5:]] + [q[f"coarse/{c}"] for c in classes[:5]]
     majority = [q[f"image/{c}"] for c in classes[:5]] + [q[f"coarse/{c}"] for c in classes[5:]]
     assert sum(minority) > sum(majority), "the skewed groups' minority classes have the larger losses"
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path):
+    config = tiny(tmp_path, epochs=6, lr=1e-12, early_stopping_patience=2, latent_samples_per_group=0)
+    summary = train(config).summary
+    history = read_jsonl(result_dir(tmp_path) / "history.jsonl")
+    assert [r["monitor"]["improved"] for r in history] == [True, False, False]
+    assert summary["epochs_run"] == 3 and summary["selected_epoch"] == 0
+
+
+def result_dir(tmp_path: Path) -> Path:
+    (run,) = (tmp_path / "runs").iterdir()
+    return run
+
+
+def test_freeze_backbone_epochs_holds_the_pretrained_trunk_then_trains_it(tmp_path):
+    from test_data_textcaps import make_root
+
+    root = make_root(tmp_path / "textcaps")
+    config = tiny(tmp_path, dataset="textcaps", data_root=str(root), image_size=32, textcaps_num_classes=3,
+                  epochs=1, freeze_backbone_epochs=1, latent_samples_per_group=0, lr_backbone=1e-2)
+    trainer = Trainer(config)
+    trainer.start()
+    backbone = trainer.model.parameter_groups()["backbone"]
+    before = [p.detach().clone() for p in backbone]
+    new_before = [p.detach().clone() for p in trainer.model.parameter_groups()["new"]]
+    trainer.train_epoch()
+    assert all(torch.equal(a, b) for a, b in zip(before, backbone)), "frozen during the first epoch"
+    assert any(not torch.equal(a, b) for a, b in zip(new_before, trainer.model.parameter_groups()["new"]))
+    trainer.epoch = 1
+    trainer.train_epoch()
+    assert any(not torch.equal(a, b) for a, b in zip(before, backbone)), "trained after the frozen epochs"
+    lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs == {"backbone": 1e-2, "new": 1e-3}
