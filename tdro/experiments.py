@@ -407,6 +407,22 @@ def markdown_table(table: pd.DataFrame, index: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _base_block(spec: ExperimentSpec) -> str:
+    """The experiment file's ``base:`` block as written (with its comments), else the values as YAML."""
+    if spec.path is not None and spec.path.is_file():
+        lines, inside = [], False
+        for line in spec.path.read_text().splitlines():
+            if line.startswith("base:"):
+                inside = True
+            elif inside and line and not line.startswith((" ", "#")):
+                break
+            if inside:
+                lines.append(line)
+        if lines:
+            return "\n".join(lines).rstrip()
+    return yaml.safe_dump({"base": spec.base}, sort_keys=False).strip()
+
+
 def _mean_std(values: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
     values = values.astype(float).dropna()
     if not len(values):
@@ -650,7 +666,12 @@ class ExperimentResult:
                   "(seed, fold), mean with a 95 % t confidence interval over the pairs "
                   "(folds share training data, so the interval is somewhat optimistic).",
                   "", "## Hyperparameters (chosen on validation only)", "", spec.selection, "",
-                  "```yaml", yaml.safe_dump(spec.base, sort_keys=False).strip(), "```", ""]
+                  "```yaml", _base_block(spec), "```", ""]
+        outside = [p for p in self.runs["run_dir"] if plan.experiment_dir.resolve() not in Path(p).resolve().parents]
+        if outside:
+            lines += [f"{len(outside)} run(s) were reused from elsewhere under {plan.output_dir} with the identical "
+                      "resolved config (the hyperparameter check's runs of the chosen values): "
+                      + ", ".join(f"`{p}`" for p in outside[:6]) + ("" if len(outside) <= 6 else ", ..."), ""]
         lines += ["Arms and settings:", "", markdown_table(self.plan.arms_table().drop(columns="runs"), index=False), ""]
         for setting in spec.settings:
             if setting.name not in set(self.runs["setting"]):
