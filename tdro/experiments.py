@@ -41,7 +41,7 @@ import pandas as pd
 import yaml
 
 from tdro.config import Config
-from tdro.phases import _check_config_keys, ensure_run, index_runs, paired_difference
+from tdro.phases import _check_config_keys, ensure_run, index_runs, paired_difference, seed_list
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS_DIR = ROOT / "params" / "experiments"
@@ -110,19 +110,6 @@ def experiment_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
-def _seed_list(seeds: int | Sequence[int]) -> list[int]:
-    if isinstance(seeds, bool):
-        raise ExperimentError(f"seeds must be a count or a list of seeds, got {seeds!r}")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ExperimentError(f"seeds must be at least 1, got {seeds}")
-        return list(range(seeds))
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ExperimentError(f"seeds must be a non-empty list of distinct seeds, got {seeds}")
-    return seeds
-
-
 def _entries(data: Any, where: str) -> list[Entry]:
     if not isinstance(data, list) or not data:
         raise ExperimentError(f"{where} must be a non-empty list of {{name, label, changes}}")
@@ -167,7 +154,7 @@ def load_experiment(name_or_path: str | Path) -> ExperimentSpec:
         raise ExperimentError(f"{path}: folds must be a positive count or null, got {folds!r}")
     spec = ExperimentSpec(str(data["name"]), str(data.get("title", data["name"])),
                           str(data.get("description", "")).strip(), str(data.get("data", "")).strip(),
-                          str(data.get("selection", "")).strip(), base, _seed_list(data.get("seeds", 1)), folds,
+                          str(data.get("selection", "")).strip(), base, seed_list(data.get("seeds", 1)), folds,
                           str(data["reference"]), settings, arms, smoke, path)
     spec.arm(spec.reference)
     for setting in settings:
@@ -247,7 +234,7 @@ def plan_experiment(spec: ExperimentSpec | str | Path, seeds: int | Sequence[int
     spec = spec if isinstance(spec, ExperimentSpec) else load_experiment(spec)
     if seeds is None or seeds == 0:
         seeds = 1 if smoke else spec.seeds
-    seeds = _seed_list(seeds)
+    seeds = seed_list(seeds)
     if spec.folds is None:
         if folds not in (None, 0, 1, [None]):
             raise ExperimentError(f"experiment {spec.name!r} has no folds (folds: null); got folds={folds!r}")

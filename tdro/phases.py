@@ -355,7 +355,8 @@ class PhasePlan:
         return table
 
 
-def _seeds(seeds: int | Sequence[int]) -> list[int]:
+def seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """A seed count (0..n-1) or an explicit list of distinct seeds."""
     if isinstance(seeds, bool):
         raise PhaseError(f"seeds must be a count or a list of seeds, got {seeds!r}")
     if isinstance(seeds, int):
@@ -381,7 +382,7 @@ def plan_phase(spec: PhaseSpec | str | Path, dataset: str = "digits", seeds: int
     ``base`` is the start. ``adds``, then ``dataset`` and ``overrides`` (e.g. ``data_root``) go on top.
     """
     spec = spec if isinstance(spec, PhaseSpec) else load_phase(spec)
-    seeds = _seeds(seeds)
+    seeds = seed_list(seeds)
     start_from = Path(start_from) if start_from else None
     if start_from is not None:
         start = read_yaml_mapping(start_from)
