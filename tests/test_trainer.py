@@ -243,3 +243,48 @@ def test_freeze_backbone_epochs_holds_the_pretrained_trunk_then_trains_it(tmp_pa
     assert any(not torch.equal(a, b) for a, b in zip(before, backbone)), "trained after the frozen epochs"
     lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs == {"backbone": 1e-2, "new": 1e-3}
+
+
+def test_val_loss_monitor_selects_the_lowest_validation_loss(tmp_path):
+    summary = train(tiny(tmp_path, epochs=3, monitor="val_loss", progress=True)).summary
+    history = read_jsonl(result_dir(tmp_path) / "history.jsonl")
+    losses = [r["val"]["loss"] for r in history]
+    assert summary["selected_epoch"] == losses.index(min(losses))
+    assert summary["monitor_value"] == pytest.approx(min(losses))
+
+
+def test_groupdro_update_timing_changes_the_trajectory(tmp_path):
+    trajectories = {}
+    for timing in ("after_step", "before_loss"):
+        config = tiny(tmp_path, run_name=timing, epochs=1, log_interval=1, groupdro_enabled=True,
+                      groupdro_warmup_epochs=0, groupdro_eta=1.0, groupdro_update_mode="exp",
+                      groupdro_update_timing=timing)
+        trajectories[timing] = [s["q"] for s in read_jsonl(train(config).run_dir / "steps.jsonl")]
+    after, before = trajectories["after_step"], trajectories["before_loss"]
+    assert after[0] == pytest.approx(before[0]), "both update from the first batch's losses"
+    assert after[-1] != pytest.approx(before[-1]), "later batches are weighted differently"
+
+
+def test_device_switches_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="bf16 autocast runs on CUDA only"):
+        Trainer(tiny(tmp_path, bf16=True, device="cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            Trainer(tiny(tmp_path, device="cuda"))
+    deterministic = train(tiny(tmp_path, run_name="det", epochs=1, deterministic=True))
+    assert torch.are_deterministic_algorithms_enabled()
+    again = train(tiny(tmp_path, run_name="det2", epochs=1, deterministic=True))
+    assert again.summary["test"] == deterministic.summary["test"]
+    train(tiny(tmp_path, run_name="free", epochs=1))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+    try:  # tensorboard is not a dependency: without it the key must fail clearly, with it it must work
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install tensorboard, or set tensorboard: false"):
+            Trainer(tiny(tmp_path, tensorboard=True))
+    else:
+        trainer = Trainer(tiny(tmp_path, tensorboard=True))
+        assert trainer.tensorboard is not None

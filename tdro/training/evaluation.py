@@ -71,13 +71,17 @@ def evaluate(
     """METRICS (ARCHITECTURE.md) of ``model`` on one split of every group, with per-sample cross-entropy."""
     device = torch.device(device)
     accumulator = MetricAccumulator(list(dataset.groups), list(dataset.class_names), device)
+    outputs = []
     with _inference(model):
         for index, (name, part) in enumerate(_split_parts(dataset, split).items()):
             if not len(part.y):
                 continue
-            # One update per group: per-batch metric kernels would cost more than small forward passes.
             batches = _forward_group(model, name, part, device, batch_size, autocast_dtype)
-            accumulator.update(index, torch.cat([logits for _, logits in batches]), part.y.to(device))
+            outputs.append((index, torch.cat([logits for _, logits in batches]), part.y.to(device)))
+        # One update per group, after all forward passes: per-batch metric kernels, or kernels between
+        # the groups' forward passes, cost more than small (tabular) forward passes themselves.
+        for index, logits, labels in outputs:
+            accumulator.update(index, logits, labels)
     return accumulator.compute()
 
 

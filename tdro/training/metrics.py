@@ -37,13 +37,19 @@ class MetricAccumulator:
             # last dimension), and the maximum gives the predictions for free.
             shifted = logits - maxima.unsqueeze(1)
             per_sample_loss = shifted.exp().sum(1).log() - shifted.gather(1, labels.unsqueeze(1)).squeeze(1)
-        if not isinstance(group_index, torch.Tensor):
-            group_index = torch.full_like(labels, int(group_index))
         classes = len(self.class_names)
         # cell = (group, true, predicted) flattened; index_add_ avoids bincount's device→host sync on CUDA.
-        cells = torch.add(predictions, labels, alpha=classes).add_(group_index, alpha=classes * classes)
-        self.counts.index_add_(0, cells, torch.ones_like(cells))
-        self.loss_sums.index_add_(0, group_index, per_sample_loss.detach().to(self.loss_sums.dtype))
+        cells = torch.add(predictions, labels, alpha=classes)
+        if isinstance(group_index, torch.Tensor):
+            cells.add_(group_index, alpha=classes * classes)
+            self.counts.index_add_(0, cells, torch.ones_like(cells))
+            self.loss_sums.index_add_(0, group_index, per_sample_loss.detach().to(self.loss_sums.dtype))
+            return
+        # one group: its block of the counts and a scalar loss sum (fewer kernels for small batches)
+        group = int(group_index)
+        self.counts[group * classes * classes:(group + 1) * classes * classes].index_add_(
+            0, cells, torch.ones_like(cells))
+        self.loss_sums[group] += per_sample_loss.detach().sum().to(self.loss_sums.dtype)
 
     def compute(self) -> dict:
         """The METRICS dict of ARCHITECTURE.md: JSON-serialisable, None where a quantity has no samples."""
