@@ -260,6 +260,15 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def named_params_file(folder: Path, name: str, what: str, plural: str, error: type[Exception] = ConfigError) -> Path:
+    """``<folder>/<name>.yaml`` for a bare name such as ``groupdro``; else an error listing the names there."""
+    candidate = folder / f"{name}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise error(f"no {what} {name!r} in {folder}; {plural}: {', '.join(known) or 'none'}")
+    return candidate
+
+
 def coerce_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Parse string values of overrides as YAML scalars (so 'lr=3e-4' and '-p groups [...]' work)."""
     parsed = {}

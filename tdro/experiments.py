@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tdro.config import Config
+from tdro.config import Config, named_params_file
 from tdro.phases import _check_config_keys, ensure_run, index_runs, paired_difference, seed_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,11 +103,7 @@ def experiment_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         return path if path.is_absolute() or path.exists() else ROOT / path
-    candidate = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
-        raise ExperimentError(f"no experiment {name_or_path!r} in {EXPERIMENTS_DIR}; experiments: {', '.join(known) or 'none'}")
-    return candidate
+    return named_params_file(EXPERIMENTS_DIR, str(name_or_path), "experiment", "experiments", ExperimentError)
 
 
 def _entries(data: Any, where: str) -> list[Entry]:

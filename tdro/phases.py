@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tdro.config import Config, ConfigError, read_yaml_mapping
+from tdro.config import Config, ConfigError, named_params_file, read_yaml_mapping
 
 PHASES_DIR = Path(__file__).resolve().parents[1] / "params" / "phases"
 PHASE_NAMES = ("phase1_quick_wins", "phase2_architecture", "phase3_finetuning")
@@ -105,11 +105,7 @@ def phase_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         return path
-    candidate = PHASES_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in PHASES_DIR.glob("*.yaml"))
-        raise PhaseError(f"no phase {name_or_path!r} in {PHASES_DIR}; phases: {', '.join(known) or 'none'}")
-    return candidate
+    return named_params_file(PHASES_DIR, str(name_or_path), "phase", "phases", PhaseError)
 
 
 def _check_config_keys(values: Mapping[str, Any], where: str) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from tdro.config import NON_RESULT_KEYS, Config, ConfigError
+from tdro.config import NON_RESULT_KEYS, Config, ConfigError, named_params_file
 
 SEARCH_DIR = Path(__file__).resolve().parents[2] / "params" / "search"
 FILE_KEYS = ("name", "description", "base", "space", "sampler", "pruner", "smoke")
@@ -240,11 +240,7 @@ def search_path(name_or_path: str | Path) -> Path:
         if not path.is_file():
             raise SweepError(f"search file {path} does not exist")
         return path
-    candidate = SEARCH_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in SEARCH_DIR.glob("*.yaml"))
-        raise SweepError(f"no search space {name_or_path!r} in {SEARCH_DIR}; search spaces: {', '.join(known) or 'none'}")
-    return candidate
+    return named_params_file(SEARCH_DIR, str(name_or_path), "search space", "search spaces", SweepError)
 
 
 def load_search_space(path: str | Path, overrides: Mapping[str, Any] | None = None, smoke: bool = False) -> SearchSpace:
