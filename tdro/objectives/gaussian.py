@@ -118,11 +118,22 @@ def class_moments(
     return ClassMoments(means, centred, mask, kept_counts, kept_keys % num_classes, kept_keys // num_classes)
 
 
+def _precise(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float64: the small matrices whose eigenvalues are taken are formed and solved there.
+
+    Their spectra are products of two covariances' spectra (squared condition numbers): in float32
+    eigenvalues a few orders below the largest are round-off, and an anchor whose spectrum spreads
+    loses them all (its W₂² came out 14–65 % wrong). The matrices are n×n or k×k, so float64 is cheap.
+    """
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float64))
+
+
 def _sqrt_eigenvalue_sum(matrix: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Σ √λ over the eigenvalues of symmetric PSD matrices (…,n,n); λ at round-off level counts as 0.
 
     ``scale`` (…) bounds the largest eigenvalue (a trace): eigenvalues below n·eps·scale are
-    indistinguishable from 0, and would otherwise give √'s infinite derivative at 0.
+    indistinguishable from 0, and would otherwise give √'s infinite derivative at 0. Pass float64
+    matrices (``_precise``): in float32 that floor is above real eigenvalues of spread spectra.
     """
     eigenvalues = torch.linalg.eigvalsh(matrix)
     info = torch.finfo(matrix.dtype)
@@ -131,30 +142,39 @@ def _sqrt_eigenvalue_sum(matrix: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     return torch.where(real, torch.where(real, eigenvalues, 1.0).sqrt(), 0.0).sum(-1)
 
 
+def _trace(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
 def factored_bures_wasserstein_sq(
     m1: torch.Tensor, S1: torch.Tensor, m2: torch.Tensor, S2: torch.Tensor, factor2: torch.Tensor
 ) -> torch.Tensor:
-    """W₂² given any F₂ with F₂F₂ᵀ = S₂, so a Cholesky factor per anchor serves every pair it is in."""
+    """W₂² given any F₂ with F₂F₂ᵀ = S₂, so a Cholesky factor per anchor serves every pair it is in.
+
+    Computed in float64 whatever the inputs' dtype, returned in it (float32 at least).
+    """
+    dtype = torch.promote_types(m1.dtype, torch.float32)
+    m1, S1, m2, S2, factor2 = map(_precise, (m1, S1, m2, S2, factor2))
     inner = factor2.transpose(-1, -2) @ S1 @ factor2
-    cross = _sqrt_eigenvalue_sum(inner, inner.diagonal(dim1=-2, dim2=-1).sum(-1))
-    traces = S1.diagonal(dim1=-2, dim2=-1).sum(-1) + S2.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return (m1 - m2).square().sum(-1) + traces - 2 * cross
+    cross = _sqrt_eigenvalue_sum(inner, _trace(inner))
+    return ((m1 - m2).square().sum(-1) + _trace(S1) + _trace(S2) - 2 * cross).to(dtype)
 
 
 def bures_wasserstein_sq(m1: torch.Tensor, S1: torch.Tensor, m2: torch.Tensor, S2: torch.Tensor) -> torch.Tensor:
     """Batched W₂² between N(m1,S1) and N(m2,S2) (means (…,k), covariances (…,k,k)).
 
     Covariances must be symmetric PSD, and in each call one of the two arguments positive
-    definite throughout the batch (it supplies the Cholesky factor of the identity above).
+    definite throughout the batch (it supplies the Cholesky factor of the identity above; taken
+    in float64, so an anchor with a tiny ridge still has one).
     """
     if S1.shape != S2.shape or S1.shape[-1] != S1.shape[-2] or m1.shape != S1.shape[:-1] or m2.shape != m1.shape:
         raise ValueError(
             "expected means (..., k) and covariances (..., k, k) of matching shapes, got "
             f"m1 {tuple(m1.shape)}, S1 {tuple(S1.shape)}, m2 {tuple(m2.shape)}, S2 {tuple(S2.shape)}"
         )
-    factor2, info2 = torch.linalg.cholesky_ex(S2)
+    factor2, info2 = torch.linalg.cholesky_ex(_precise(S2))
     if not bool((info2 == 0).all()):
-        factor1, info1 = torch.linalg.cholesky_ex(S1)
+        factor1, info1 = torch.linalg.cholesky_ex(_precise(S1))
         if not bool((info1 == 0).all()):
             raise ValueError("bures_wasserstein_sq needs S1 or S2 positive definite in every pair of the batch")
         return factored_bures_wasserstein_sq(m2, S2, m1, S1, factor1)
@@ -182,7 +202,8 @@ def lowrank_bures_wasserstein_sq(
     When n_max − 1 ≤ k the cross term is Σ √eig of the n×n matrix G = X S Xᵀ/(n−1); G·𝟙 = 0
     (centring), so τ𝟙𝟙ᵀ/n on the real slots and τ on the diagonal of padded slots turn those
     zero eigenvalues into exactly τ without touching the others, and their √τ are subtracted.
-    Otherwise (few dimensions, many samples) the k×k route with F = chol(S) is cheaper.
+    Otherwise (few dimensions, many samples) the k×k route with F = chol(S) is cheaper. Either
+    small matrix is formed and solved in float64 (``_precise``); the product X·L̃ is not.
     """
     x = moments.centred
     num, n_max, k = x.shape
@@ -200,23 +221,26 @@ def lowrank_bures_wasserstein_sq(
     mean_term = (moments.means - anchor_means.index_select(0, classes)).square().sum(-1)
     trace_batch = x.square().sum((1, 2)) / dof
     if n_max - 1 <= k:
-        y = (x @ factor) * scale
+        y = _precise((x @ factor) * scale)  # the one (n×k)·(k×k) product stays in the training dtype
+        x = _precise(x)
+        dof = _precise(dof)
         gram = (y @ y.transpose(1, 2) + eps * (x @ x.transpose(1, 2))) / dof[:, None, None]
-        trace_gram = gram.diagonal(dim1=1, dim2=2).sum(-1).detach()
-        counts = moments.counts.to(x.dtype)
-        tau = (trace_gram / counts).clamp_min(torch.finfo(x.dtype).tiny)
-        valid = moments.mask.to(x.dtype)
+        trace_gram = _trace(gram).detach()
+        counts = _precise(moments.counts)
+        tau = (trace_gram / counts).clamp_min(torch.finfo(gram.dtype).tiny)
+        valid = _precise(moments.mask)
         unit = valid / counts.sqrt()[:, None]
         gram = gram + tau[:, None, None] * (unit[:, :, None] * unit[:, None, :] + torch.diag_embed(1 - valid))
         added = (n_max - counts + 1) * tau.sqrt()
         cross = _sqrt_eigenvalue_sum(gram, trace_gram) - added
     else:
-        factor = factor * scale
-        eye = torch.eye(k, dtype=x.dtype, device=x.device)
+        factor = _precise(factor) * _precise(scale)
+        eye = torch.eye(k, dtype=factor.dtype, device=factor.device)
         chol = torch.linalg.cholesky(factor @ factor.transpose(1, 2) + eps * eye)
-        inner = chol.transpose(1, 2) @ moments.covariance() @ chol
-        cross = _sqrt_eigenvalue_sum(inner, inner.diagonal(dim1=1, dim2=2).sum(-1))
-    return mean_term + trace_batch + trace_anchor - 2 * cross
+        x = _precise(x)
+        inner = chol.transpose(1, 2) @ (x.transpose(1, 2) @ x / _precise(dof)[:, None, None]) @ chol
+        cross = _sqrt_eigenvalue_sum(inner, _trace(inner))
+    return (_precise(mean_term + trace_batch + trace_anchor) - 2 * cross).to(moments.centred.dtype)
 
 
 def diagonal_moments_bures_wasserstein_sq(
