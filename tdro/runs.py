@@ -6,6 +6,7 @@ A run that is still going or was killed loads too: only a truncated final JSONL 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterable
@@ -36,6 +37,47 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
+    """Replace a JSONL file by ``records`` via a temporary file, fsync and os.replace: a kill keeps the old file whole."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class RunDirectoryInUseError(OSError):
+    """Another process holds the run directory's lock: two writers would interleave its records."""
+
+
+def lock_run_directory(run_dir: str | Path):
+    """Take the exclusive OS lock on ``<run_dir>/.lock`` (released when the handle closes or the process dies).
+
+    Returns the open handle; keep it while writing the run. A second writer, in this process or
+    another, gets RunDirectoryInUseError naming the holder's pid.
+    """
+    path = Path(run_dir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirectoryInUseError(
+            f"run directory {path.parent} is being written by another process (pid {holder}); one run directory "
+            f"takes one writer, or their records would interleave. Wait for that process to end (or stop it), "
+            f"then resume with `python -m tdro train --resume {path.parent}`") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to a temporary file, fsync, then os.replace: readers see the old or the new file, never half."""
     path = Path(path)
@@ -49,6 +91,21 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 # --- reading ---
+
+def read_summary(path: str | Path) -> dict:
+    """A run's summary.json; a cut or corrupt one is an error naming the file and how to write it again."""
+    path = Path(path)
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is cut or corrupt ({error}); the run's checkpoints are intact: write it again "
+                         f"with `python -m tdro train --resume {path.parent}` (it evaluates the selected "
+                         f"checkpoint, trains nothing more)") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} holds a JSON {type(summary).__name__}, not a run summary; write it again with "
+                         f"`python -m tdro train --resume {path.parent}`")
+    return summary
+
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """All complete records of a JSONL file.
@@ -109,7 +166,7 @@ def load_run(run_dir: str | Path) -> Run:
         raise FileNotFoundError(f"{path} is not a run directory: it has no config.yaml")
     config = yaml.safe_load(config_path.read_text()) or {}
     summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(summary_path) if summary_path.is_file() else {}
     return Run(path, config, summary, _flat(_read_optional_jsonl(path / "history.jsonl")),
                _flat(_read_optional_jsonl(path / "steps.jsonl")))
 

@@ -85,7 +85,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_checkpoin
         return output
 
     trainer.model.head.register_forward_hook(poison)
-    with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row .* at epoch 1"):
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite steps in a row .* at epoch 1"):
         trainer.fit()
     history = read_jsonl(trainer.run_dir / "history.jsonl")
     assert [r["epoch"] for r in history] == [0]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,33 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     os.replace(temporary, path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that is cut, corrupt or not a tdro checkpoint; the message names it and the remedy."""
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint's payload; a missing, cut or corrupt file is an error that says what to do instead."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; a run writes checkpoints/last.pt after its first epoch")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is cut or corrupt ({reason}). {_remedy(path)}") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"checkpoint {path} is not a tdro checkpoint (no model state). {_remedy(path)}")
+    return payload
+
+
+def _remedy(path: Path) -> str:
+    """How to go on without a broken checkpoint: from its sibling, or from scratch."""
+    run_dir = path.parent.parent
+    other = path.with_name("best.pt" if path.name == "last.pt" else "last.pt")
+    start_again = f"start the run again (remove {run_dir} or choose another run_name)"
+    if not other.is_file():
+        return f"There is no {other.name} to fall back on: {start_again}."
+    if path.name == "last.pt":
+        return (f"Resume from the best checkpoint instead: `cp {other} {path}` then `python -m tdro train --resume "
+                f"{run_dir}` (epochs after best.pt's are trained again), or {start_again}.")
+    return (f"Copy the last checkpoint over it (`cp {other} {path}`; the selected epoch becomes the last one), "
+            f"or {start_again}.")

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tdro.config import Config, ConfigError
+from tdro.config import NON_RESULT_KEYS, Config, ConfigError
 from tdro.data import GroupStratifiedBatches, build_dataset
 from tdro.data.base import batch_to_device
 from tdro.models.multigroup import build_model
 from tdro.objectives.anchor_losses import AnchorLoss
 from tdro.objectives.groupdro import GroupDRO, group_mean_losses
-from tdro.runs import append_jsonl, read_jsonl, write_json_atomic
+from tdro.runs import append_jsonl, lock_run_directory, read_jsonl, write_json_atomic, write_jsonl_atomic
 from tdro.training.checkpoint import capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
 from tdro.training.evaluation import collect_latents, evaluate
 from tdro.training.optim import create_optimizer
@@ -32,7 +32,11 @@ from tdro.training.schedules import EpochSchedule
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Too many non-finite losses in a row; the last good checkpoint is left as it was."""
+    """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+# Raised by a training step whose numbers broke down (e.g. eigvalsh on NaN latents): a non-finite step.
+NUMERICAL_ERRORS = (torch.linalg.LinAlgError, ArithmeticError)
 
 
 @dataclass
@@ -125,6 +129,7 @@ class Trainer:
         self.best_epoch: int | None = None
         self.epochs_without_improvement = 0
         self.nonfinite_in_a_row = 0
+        self.lock = None
         self.started = time.time()
         self.wall_seconds_before = 0.0
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 else nullcontext())
@@ -152,18 +157,27 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def start(self) -> None:
-        """Create the run directory for a new run; refuse to overwrite an existing one."""
+        """Create and lock the run directory for a new run; refuse to overwrite an existing one."""
+        self.lock = lock_run_directory(self.run_dir)
         if (self.run_dir / "config.yaml").exists():
+            self.close()
             raise FileExistsError(f"run directory {self.run_dir} already holds a run; resume it with "
                                   f"`python -m tdro train --resume {self.run_dir}` or choose another run_name")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(self.run_dir / "config.yaml")
 
+    def close(self) -> None:
+        """Release the run directory's lock (process death releases it too)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
     def resume(self) -> None:
-        """Continue after the last checkpointed epoch (or from scratch); later records are dropped and redone."""
+        """Lock the run, continue after the last checkpointed epoch (or from scratch); later records are redone."""
+        self.lock = lock_run_directory(self.run_dir)
         last = self.checkpoints / "last.pt"
         if last.exists():
             state = load_checkpoint(last, self.device)
+            self._check_same_config(state, last)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
@@ -178,15 +192,27 @@ class Trainer:
             self.wall_seconds_before = state["wall_seconds"]
         for name in ("history.jsonl", "steps.jsonl"):
             path = self.run_dir / name
-            kept = [r for r in read_jsonl(path) if r["epoch"] < self.epoch] if path.exists() else []
-            path.unlink(missing_ok=True)
-            for record in kept:
-                append_jsonl(path, record)
+            if path.exists():
+                write_jsonl_atomic(path, [r for r in read_jsonl(path) if r["epoch"] < self.epoch])
+
+    def _check_same_config(self, state: dict, path: Path) -> None:
+        """Refuse to resume a checkpoint trained under another config (an edited or cut config.yaml)."""
+        saved = state.get("config_hash")
+        if saved is None or saved == self.config.result_hash():
+            return
+        current = self.config.to_dict()
+        differing = sorted(k for k in set(current) | set(state["config"]) if k not in NON_RESULT_KEYS
+                           and current.get(k, "<absent>") != state["config"].get(k, "<absent>"))
+        changes = ", ".join(f"{k}: {state['config'].get(k, '<absent>')!r} → {current.get(k, '<absent>')!r}"
+                            for k in differing)
+        raise ConfigError(f"{self.run_dir / 'config.yaml'} differs from the config {path} was trained with "
+                          f"({changes or 'hash ' + saved[:12] + ' → ' + self.config.result_hash()[:12]}); "
+                          f"a resumed run must keep its config: restore those keys, or start a new run")
 
     # --- the loop ---
     def fit(self) -> RunResult:
         config = self.config
-        while self.epoch < config.epochs:
+        while self.epoch < config.epochs and not self._stopped_early():
             record = self.train_epoch()
             metrics = {"val": evaluate(self.model, self.dataset, "val", self.device, config.eval_batch_size)}
             if self.selection_split == "test":
@@ -207,9 +233,12 @@ class Trainer:
             self.epoch += 1
             if self.on_epoch is not None:
                 self.on_epoch(record)
-            if config.early_stopping_patience and self.epochs_without_improvement >= config.early_stopping_patience:
-                break
         return RunResult(self.run_dir, self.finish())
+
+    def _stopped_early(self) -> bool:
+        """Early stopping's decision, from checkpointed state: a resumed run that had stopped stays stopped."""
+        patience = self.config.early_stopping_patience
+        return bool(patience) and self.epochs_without_improvement >= patience
 
     def _is_improvement(self, value: float | None) -> bool:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -275,7 +304,36 @@ class Trainer:
         }
 
     def train_step(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict | None:
-        """One optimisation step; returns detached loss parts, or None when the loss was not finite."""
+        """One optimisation step; returns detached loss parts, or None for a non-finite step (nothing applied).
+
+        A step is non-finite when its loss or gradient norm is not finite, or when its numbers broke
+        down (``NUMERICAL_ERRORS``); GroupDRO's weights are then restored too.
+        """
+        config = self.config
+        dro_state = None if self.groupdro is None else self.groupdro.state_dict()
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            parts, loss, cells = self._losses(batch)
+            if not torch.isfinite(loss):
+                return self._skip_step("the loss is not finite", parts, dro_state)
+            loss.backward()
+        except NUMERICAL_ERRORS as error:
+            return self._skip_step(f"{type(error).__name__}: {str(error).splitlines()[0]}", {}, dro_state)
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        if not torch.isfinite(grad_norm):
+            return self._skip_step("the gradient is not finite", parts, dro_state)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(parameters, config.grad_clip, grad_norm)
+        self.optimizer.step()
+        self.nonfinite_in_a_row = 0
+        if self.groupdro is not None and config.groupdro_update_timing == "after_step":
+            self.groupdro.update(*cells, self.epoch)
+        self.step += 1
+        return parts
+
+    def _losses(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, torch.Tensor, tuple]:
+        """Forward pass: the detached parts to record, the loss to minimise, and GroupDRO's (cell losses, present)."""
         config = self.config
         inputs = {name: batch_to_device(x, self.device) for name, (x, _) in batch.items()}
         labels = torch.cat([y for _, y in batch.values()]).to(self.device, non_blocking=True)
@@ -287,43 +345,43 @@ class Trainer:
         latents, logits = latents.float(), logits.float()
         per_sample = F.cross_entropy(logits, labels, reduction="none")
         group_losses, present = group_mean_losses(per_sample, group_ids, len(self.group_names))
+        cells = ()
         if self.groupdro is None:
             cls_loss = per_sample.mean()
         else:
-            cells = group_ids * self.num_classes + labels if config.groupdro_cells == "group_class" else group_ids
-            cell_losses, cell_present = group_mean_losses(per_sample, cells, len(self.dro_cell_names))
+            cell_ids = group_ids * self.num_classes + labels if config.groupdro_cells == "group_class" else group_ids
+            cell_losses, cell_present = group_mean_losses(per_sample, cell_ids, len(self.dro_cell_names))
+            cells = (cell_losses.detach(), cell_present)
             if config.groupdro_update_timing == "before_loss":
-                self.groupdro.update(cell_losses.detach(), cell_present, self.epoch)
+                self.groupdro.update(*cells, self.epoch)
             cls_loss = self.groupdro.loss(cell_losses, cell_present)
         anchor_parts = self.anchor_loss(latents, labels, group_ids, self.model.anchors, self.model.head)
         loss = cls_loss + anchor_parts["total"]
         zero = loss.new_zeros(())
         parts = {"loss": loss.detach(), "cls": cls_loss.detach(), "fit": anchor_parts.get("fit", zero).detach(),
-                 "sep": anchor_parts.get("sep", zero).detach()}
-        self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            self._count_nonfinite(parts)
-            return None
-        self.nonfinite_in_a_row = 0
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        self.optimizer.step()
-        if self.groupdro is not None and config.groupdro_update_timing == "after_step":
-            self.groupdro.update(cell_losses.detach(), cell_present, self.epoch)
-        self.step += 1
-        parts.update(group_losses=group_losses.detach(), present=present, samples=len(labels),
-                     correct=(logits.argmax(1) == labels).sum().float())
-        return parts
+                 "sep": anchor_parts.get("sep", zero).detach(), "group_losses": group_losses.detach(),
+                 "present": present, "samples": len(labels), "correct": (logits.argmax(1) == labels).sum().float()}
+        return parts, loss, cells
 
-    def _count_nonfinite(self, parts: dict) -> None:
+    def _skip_step(self, reason: str, parts: dict, dro_state: dict | None) -> None:
+        """Apply nothing, restore GroupDRO's weights, count the step; too many in a row stop the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if dro_state is not None:
+            self.groupdro.load_state_dict(dro_state)
         self.nonfinite_in_a_row += 1
-        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
-            described = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-            raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row (max_nonfinite_steps="
-                f"{self.config.max_nonfinite_steps}) at epoch {self.epoch}, step {self.step}: {described}; "
-                f"the last good checkpoint is {self.checkpoints / 'last.pt'}")
+        if self.nonfinite_in_a_row < self.config.max_nonfinite_steps:
+            return None
+        described = ", ".join(f"{k}={parts[k].item():.4g}" for k in ("loss", "cls", "fit", "sep") if k in parts)
+        last = self.checkpoints / "last.pt"
+        if last.exists():
+            kept = f"the last good checkpoint is {last} (epoch {self.epoch - 1})"
+        else:
+            kept = (f"no checkpoint was written: the run stopped in its first epoch, before {last} existed; "
+                    f"start it again with other settings (e.g. a lower lr, grad_clip > 0)")
+        raise NonFiniteLossError(
+            f"{self.nonfinite_in_a_row} non-finite steps in a row (max_nonfinite_steps="
+            f"{self.config.max_nonfinite_steps}) at epoch {self.epoch}, step {self.step}: {reason}"
+            f"{' (' + described + ')' if described else ''}; {kept}")
 
     # --- records ---
     def _q_dict(self) -> dict[str, float] | None:
@@ -397,9 +455,15 @@ class Trainer:
             "epochs_without_improvement": self.epochs_without_improvement,
             "wall_seconds": self.wall_seconds_before + time.time() - self.started,
             "config": self.config.to_dict(),
+            "config_hash": self.config.result_hash(),
         }
 
     def _save_checkpoints(self, improved: bool) -> None:
+        """best.pt (when improved), then last.pt; weights that are no longer finite are never saved."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise NonFiniteLossError(f"the weights are no longer finite after epoch {self.epoch}; not saved, so "
+                                     f"{self.checkpoints / 'last.pt'} stays the last good checkpoint (if any); "
+                                     f"lower lr or set grad_clip > 0")
         payload = self._checkpoint_payload()
         if improved:
             save_checkpoint(self.checkpoints / "best.pt", payload)
@@ -444,8 +508,11 @@ class Trainer:
 def train(config: Config, run_dir: Path | None = None, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
     """Train a new run from a Config; on_epoch sees each epoch's record after it is saved (e.g. for pruning)."""
     trainer = Trainer(config, run_dir, on_epoch)
-    trainer.start()
-    return trainer.fit()
+    try:
+        trainer.start()
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 def resume(run_dir: str | Path, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
@@ -453,5 +520,8 @@ def resume(run_dir: str | Path, on_epoch: Callable[[dict], None] | None = None) 
     run_dir = Path(run_dir)
     config = Config.load([run_dir / "config.yaml"])
     trainer = Trainer(config, run_dir, on_epoch)
-    trainer.resume()
-    return trainer.fit()
+    try:
+        trainer.resume()
+        return trainer.fit()
+    finally:
+        trainer.close()
