@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -93,10 +92,12 @@ def summary_table(summary: dict) -> str:
 
 
 def command_show(args: argparse.Namespace) -> int:
+    from tdro.runs import read_summary
+
     path = Path(args.run_dir) / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; the run has not finished (resume it with --resume {args.run_dir})")
-    print(summary_table(json.loads(path.read_text())))
+    print(summary_table(read_summary(path)))
     return 0
 
 

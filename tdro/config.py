@@ -7,8 +7,12 @@ import functools
 import hashlib
 import json
 import math
+import os
+import re
+import sys
 import types
 import typing
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,10 +25,15 @@ class ConfigError(ValueError):
 
 
 def key(default: Any, doc: str, *, choices: Iterable[Any] | None = None, low: float | None = None,
-        high: float | None = None, low_open: bool = False) -> Any:
-    """Declare a config key: its default, a one-line meaning, and the allowed values or range."""
+        high: float | None = None, low_open: bool = False, high_open: bool = False,
+        items: tuple[int | None, int | None] | None = None, nested: bool = False) -> Any:
+    """Declare a config key: its default, a one-line meaning, and the allowed values or range.
+
+    ``items`` = (low, high) makes a list key a list of integers in that range (None = unbounded);
+    ``nested`` makes it a list of such lists.
+    """
     metadata = {"doc": doc, "choices": None if choices is None else tuple(choices), "low": low,
-                "high": high, "low_open": low_open}
+                "high": high, "low_open": low_open, "high_open": high_open, "items": items, "nested": nested}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -38,6 +47,30 @@ MONITORS = ("val_worst_group_acc", "val_acc", "val_balanced_acc", "val_loss", "v
 # Keys that do not change what a run computes; left out of the config hash.
 NON_RESULT_KEYS = ("run_name", "output_dir", "progress", "log_interval", "tensorboard", "device",
                    "latent_samples_per_group")
+SEED_MAX = 2**32 - 1  # NumPy's legacy seed and the split seeds take 32 bits
+CLASS_IDS = (0, 9)  # digits and mnist_usps both have the ten classes 0..9
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# Data keys that only one dataset reads (the others ignore them).
+DATASET_KEYS = {
+    "digits": ("digits_groups", "digits_sizes", "digits_majority"),
+    "mnist_usps": ("mnist_usps_layout", "mnist_usps_pool", "usps_source", "mnist_size", "usps_size", "mnist_majority",
+                   "usps_majority", "mnist28_size", "mnist32_size", "mnist28_majority", "mnist32_majority",
+                   "mnist_total_size", "usps_total_size"),
+    "heart": ("feature_mask", "impute_missing", "n_folds", "fold_index"),
+    "textcaps": ("textcaps_source", "textcaps_groups", "textcaps_num_classes", "textcaps_class_names",
+                 "include_combined_group", "spurious_correlation", "spurious_majority_frac", "spurious_group_classes",
+                 "textcaps_image_dir", "image_size", "text_max_len", "feature_cache", "feature_cache_dir",
+                 "feature_backbone_weights"),
+}
+# mnist_usps keys read by only some layouts.
+LAYOUT_KEYS = {"mnist_size": ("skewed",), "mnist_majority": ("skewed",), "usps_size": ("skewed", "skewed3"),
+               "usps_majority": ("skewed", "skewed3"), "mnist28_size": ("skewed3",), "mnist32_size": ("skewed3",),
+               "mnist28_majority": ("skewed3",), "mnist32_majority": ("skewed3",), "mnist_total_size": ("balanced",),
+               "usps_total_size": ("balanced",)}
+# GroupDRO keys that only shape the group weights q, which the max and logsumexp objectives do not use.
+Q_KEYS = ("groupdro_update_mode", "groupdro_gamma", "groupdro_init", "groupdro_min_group_weight",
+          "groupdro_adjustment", "groupdro_warmup_epochs", "groupdro_update_timing")
+_WARNED: set[str] = set()
 
 
 @dataclass
@@ -45,10 +78,10 @@ class Config:
     """Every knob of a tdro run; defaults are the seed's "Current Settings" where it gives them."""
 
     # --- run ---
-    run_name: str | None = key(None, "label of the run; the run directory is <output_dir>/<run_name or generated id>")
-    output_dir: str = key("outputs/runs", "folder that holds run directories")
-    seed: int = key(0, "seed for initialisation and batch order (Python, NumPy, torch)")
-    device: str = key("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    run_name: str | None = key(None, "label of the run, one folder name; the run directory is <output_dir>/<run_name or generated id>")
+    output_dir: str = key("outputs/runs", "folder that holds run directories (not empty)")
+    seed: int = key(0, "seed for initialisation and batch order (Python, NumPy, torch)", low=0, high=SEED_MAX)
+    device: str = key("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; availability is checked when training starts")
     bf16: bool = key(False, "bf16 autocast for forward passes on CUDA")
     deterministic: bool = key(False, "use deterministic torch algorithms")
     progress: bool = key(True, "show tqdm progress bars")
@@ -61,16 +94,19 @@ class Config:
     dataset: str = key("digits", "dataset name", choices=("digits", "mnist_usps", "heart", "textcaps"))
     data_root: str | None = key(None, "folder holding the dataset's official files")
     download: bool = key(False, "download missing official files (never needed for digits)")
-    data_split_seed: int = key(0, "seed of the train/val/test partition, independent of seed")
-    val_frac: float = key(0.15, "fraction of training data carved out for validation", low=0.0, high=1.0, low_open=True)
-    test_frac: float = key(0.2, "fraction held out for test where the source has no test split", low=0.0, high=1.0, low_open=True)
+    data_split_seed: int = key(0, "seed of the train/val/test partition, independent of seed", low=0, high=SEED_MAX)
+    val_frac: float = key(0.15, "fraction of training data carved out for validation", low=0.0, high=1.0, low_open=True, high_open=True)
+    test_frac: float = key(0.2, "fraction held out for test where the source has no test split", low=0.0, high=1.0, low_open=True,
+                           high_open=True)
     batching: str = key("proportional", "per-batch group quotas", choices=("proportional", "balanced"))
     majority_frac: float = key(0.8, "fraction of a skewed group's training samples from its majority classes", low=0.0, high=1.0)
     group_max_train_samples: list | dict | None = key(None, "per-group cap on training samples (list by position or mapping by name; null = no cap)")
     # digits (scikit-learn 8x8 digits; one group per view)
     digits_groups: list = key(["image", "coarse"], "one group per view: image (8x8, cnn), coarse (4x4 pooled, 16-d), masked (checkerboard, 32-d), flat (64-d)")
-    digits_sizes: list = key([600, 150], "training samples per digits group")
-    digits_majority: list = key([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "majority classes per digits group ([] = balanced)")
+    digits_sizes: list = key([600, 150], "training samples per digits group", items=(1, None))
+    # class ids 0..9 are checked by the digits builder
+    digits_majority: list = key([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "majority classes per digits group ([] = balanced)",
+                                items=(None, None), nested=True)
     # mnist_usps (official MNIST IDX, USPS LIBSVM or usps.h5)
     mnist_usps_layout: str = key("skewed", "skewed (mnist, usps), skewed3 (mnist28, usps, mnist32) or balanced per-class subsets",
                                  choices=("skewed", "skewed3", "balanced"))
@@ -79,12 +115,13 @@ class Config:
                            choices=("auto", "libsvm", "h5"))
     mnist_size: int = key(3000, "skewed: MNIST training samples", low=1)
     usps_size: int = key(1000, "skewed, skewed3: USPS training samples", low=1)
-    mnist_majority: list = key([0, 1, 2, 3, 4], "skewed: MNIST majority classes")
-    usps_majority: list | None = key(None, "skewed/skewed3: USPS majority classes (null = [5..9] for skewed, [4, 5, 6] for skewed3)")
+    mnist_majority: list = key([0, 1, 2, 3, 4], "skewed: MNIST majority classes", items=CLASS_IDS)
+    usps_majority: list | None = key(None, "skewed/skewed3: USPS majority classes (null = [5..9] for skewed, [4, 5, 6] for skewed3)",
+                                     items=CLASS_IDS)
     mnist28_size: int = key(2000, "skewed3: MNIST-28 training samples", low=1)
     mnist32_size: int = key(2000, "skewed3: MNIST-32 (zero-padded) training samples", low=1)
-    mnist28_majority: list = key([0, 1, 2, 3], "skewed3: MNIST-28 majority classes")
-    mnist32_majority: list = key([7, 8, 9], "skewed3: MNIST-32 majority classes")
+    mnist28_majority: list = key([0, 1, 2, 3], "skewed3: MNIST-28 majority classes", items=CLASS_IDS)
+    mnist32_majority: list = key([7, 8, 9], "skewed3: MNIST-32 majority classes", items=CLASS_IDS)
     mnist_total_size: int = key(2000, "balanced: MNIST samples over all splits (total/10 per class)", low=10)
     usps_total_size: int = key(2000, "balanced: USPS samples over all splits (total/10 per class)", low=10)
     # heart (UCI Heart Disease, four hospitals)
@@ -111,16 +148,17 @@ class Config:
     # --- end data keys ---
 
     # --- model ---
-    latent_dim: int = key(64, "shared latent dimension k", low=1)
+    latent_dim: int = key(64, "shared latent dimension k, at most 8192 (each class's anchor holds a k x k factor)",
+                          low=1, high=8192)
     head_hidden: int = key(128, "hidden units of the MLP head; 0 = linear head", low=0)
-    head_dropout: float = key(0.3, "dropout of the MLP head", low=0.0, high=1.0)
+    head_dropout: float = key(0.3, "dropout of the MLP head (below 1: 1 drops every unit)", low=0.0, high=1.0, high_open=True)
     groups: list | None = key(None, "per-group encoder overrides: [{name?, encoder, options...}]")
     visual_encoder: str | None = key(None, "encoder for every image group (shortcut for groups)")
     text_encoder: str | None = key(None, "encoder for every text group (shortcut for groups)")
     common_encoder: bool = key(False, "one shared encoder for all groups (shared-encoder baseline)")
 
     # --- anchors ---
-    anchor_eps: float = key(1e-4, "ridge epsilon in S = L L^T + eps I", low=0.0, low_open=True)
+    anchor_eps: float = key(1e-4, "ridge epsilon in S = L L^T + eps I; >= 1e-10 so S's float64 Cholesky factor exists at the norm clip", low=1e-10)
     anchor_covariance: str = key("full", "anchor covariance", choices=("full", "diagonal"))
     sep_samples_per_class: int = key(16, "J: samples per anchor for the classifier separation loss", low=1)
     sep_method: str = key("classifier", "separation loss", choices=("classifier", "w2_margin"))
@@ -133,7 +171,7 @@ class Config:
     groupdro_enabled: bool = key(False, "reweight per-group losses with GroupDRO (else ERM)")
     groupdro_eta: float = key(0.01, "GroupDRO step size eta", low=0.0, low_open=True)
     groupdro_gamma: float = key(0.9, "exp_smooth smoothing: larger = smoother, 0 = plain exp", low=0.0, high=1.0)
-    groupdro_warmup_epochs: int = key(2, "epochs with q held at its initial value", low=0)
+    groupdro_warmup_epochs: int = key(2, "epochs with q held at its initial value (at most epochs)", low=0)
     groupdro_update_mode: str = key("exp_smooth", "q update rule", choices=("exp", "softmax", "exp_smooth"))
     groupdro_objective: str = key("weighted", "robust loss", choices=("weighted", "max", "logsumexp"))
     groupdro_init: str = key("uniform", "initial q", choices=("uniform", "proportional"))
@@ -155,20 +193,23 @@ class Config:
     grad_clip: float = key(1.0, "gradient-norm clip; 0 = off", low=0.0)
     batch_size: int = key(32, "samples per batch over all groups", low=1)
     eval_batch_size: int = key(512, "samples per evaluation batch", low=1)
-    epochs: int = key(10, "training epochs", low=1)
-    freeze_backbone_epochs: int = key(0, "epochs with backbone parameters frozen", low=0)
+    epochs: int = key(10, "training epochs, at most 100000", low=1, high=100_000)
+    freeze_backbone_epochs: int = key(0, "epochs with backbone parameters frozen (at most epochs)", low=0)
 
     # --- learning-rate schedule (per epoch) ---
     lr_scheduler: str = key("none", "LR schedule", choices=("none", "linear", "step", "cosine", "plateau"))
-    lr_start: float | None = key(None, "linear schedule: LR at the first epoch (seed option A)", low=0.0)
+    lr_start: float | None = key(None, "linear schedule: LR at the first epoch (seed option A); > 0, as each epoch's "
+                                       "LR factor is that epoch's LR / lr_start", low=0.0, low_open=True)
     lr_end: float | None = key(None, "linear schedule: LR at the last epoch", low=0.0)
     lr_step_size: int = key(15, "StepLR: epochs between decays", low=1)
     lr_gamma: float = key(0.1, "StepLR: decay factor", low=0.0, high=1.0, low_open=True)
     T_max: int | None = key(None, "cosine: period in epochs (default epochs)", low=1)
-    eta_min: float = key(0.0, "cosine: final LR", low=0.0)
+    eta_min: float = key(0.0, "cosine: LR floor relative to lr (0..lr): each parameter group falls from its base LR "
+                              "(lr_backbone, lr_new or lr) to base LR x eta_min / lr at T_max and stays there, so eta_min "
+                              "is the final LR only of a group whose base LR is lr", low=0.0)
     plateau_factor: float = key(0.5, "plateau: decay factor", low=0.0, high=1.0, low_open=True)
     plateau_patience: int = key(5, "plateau: epochs without improvement before decaying", low=0)
-    lr_warmup_epochs: int = key(0, "epochs of linear LR warm-up before the schedule", low=0)
+    lr_warmup_epochs: int = key(0, "epochs of linear LR warm-up before the schedule (at most epochs)", low=0)
 
     # --- selection ---
     monitor: str = key("val_worst_group_acc", "metric for best checkpoint and early stopping", choices=MONITORS)
@@ -179,12 +220,35 @@ class Config:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _check_value(f, getattr(self, f.name)))
         self._resolve_schedule()
+        self._check_paths()
         self._check_conflicts()
+        self._check_epoch_counts()
 
     def _resolve_schedule(self) -> None:
         self.lr_scheduler = LR_SCHEDULER_ALIASES.get(self.lr_scheduler, self.lr_scheduler)
         if self.lr_scheduler == "none" and self.lr_start is not None and self.lr_end is not None:
             self.lr_scheduler = "linear"
+
+    def _check_paths(self) -> None:
+        """output_dir is a folder; run_name is one folder name inside it, never a path out of it."""
+        if not self.output_dir.strip():
+            raise ConfigError(f"key 'output_dir' has value {self.output_dir!r}; allowed: a folder path such as outputs/runs "
+                              "(an empty path would put runs in the current folder)")
+        name = self.run_name
+        if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0")):
+            raise ConfigError(f"key 'run_name' has value {name!r}; a run_name is one folder name inside output_dir "
+                              "(not empty, not '.' or '..', no '/' or '\\'); use output_dir to choose the folder")
+
+    def _check_epoch_counts(self) -> None:
+        """Epoch-valued keys that would outlast the run (and so never end) are errors."""
+        counts = {"freeze_backbone_epochs": self.freeze_backbone_epochs, "lr_warmup_epochs": self.lr_warmup_epochs}
+        if self.groupdro_enabled:
+            counts["groupdro_warmup_epochs"] = self.groupdro_warmup_epochs
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in counts.items():
+            if value > self.epochs and value != defaults[name]:  # an unset default warm-up just covers the run
+                raise ConfigError(f"key {name!r} has value {value} but epochs is {self.epochs}; "
+                                  f"allowed: 0..epochs (raise epochs or lower {name})")
 
     def _check_conflicts(self) -> None:
         has_linear_keys = self.lr_start is not None or self.lr_end is not None
@@ -196,6 +260,9 @@ class Config:
                               f"(got lr_start={self.lr_start}, lr_end={self.lr_end}); remove them or use the linear schedule")
         if self.lr_scheduler == "none" and has_linear_keys:
             raise ConfigError(f"lr_start and lr_end must be set together (got lr_start={self.lr_start}, lr_end={self.lr_end})")
+        if self.lr_scheduler == "cosine" and self.eta_min > self.lr:
+            raise ConfigError(f"key 'eta_min' has value {self.eta_min} but lr is {self.lr}; allowed: 0..lr "
+                              "(the cosine schedule ends each parameter group at its base LR x eta_min / lr)")
         if self.monitor.startswith("test_") and not self.allow_test_selection:
             raise ConfigError(f"monitor {self.monitor!r} selects on the test split; set allow_test_selection: true "
                               "to permit it, or use a val_* monitor")
@@ -203,6 +270,86 @@ class Config:
             for i, entry in enumerate(self.groups):
                 if not isinstance(entry, dict) or not isinstance(entry.get("encoder", ""), str):
                     raise ConfigError(f"groups[{i}] must be a mapping like {{name: mnist, encoder: cnn}}; got {entry!r}")
+
+    # --- keys without effect ---
+    def inactive_key_warnings(self) -> list[str]:
+        """One message per key set to a non-default value that has no effect in this setting."""
+        defaults = _defaults()
+        messages = []
+        for names, reason in self._inactive_keys():
+            for name in names:
+                value = getattr(self, name)
+                if value != defaults[name]:
+                    messages.append(f"key {name!r} is set to {value!r} but has no effect: {reason}")
+        return messages
+
+    def _inactive_keys(self) -> list[tuple[tuple[str, ...], str]]:
+        """(keys, why they have no effect) for every rule that applies to this config."""
+        rules: list[tuple[tuple[str, ...], str]] = []
+        groupdro_keys = tuple(k for k in self.keys() if k.startswith("groupdro_") and k != "groupdro_enabled")
+        if not self.groupdro_enabled:
+            rules.append((groupdro_keys, "groupdro_enabled is false"))
+        elif self.groupdro_objective != "weighted":
+            rules.append((Q_KEYS, f"groupdro_objective {self.groupdro_objective!r} does not use the group weights q "
+                                  "(they are only recorded)"))
+            if self.groupdro_objective == "max":
+                rules.append((("groupdro_eta",), "groupdro_objective 'max' takes the largest group loss; "
+                                                 "eta enters only q and logsumexp"))
+        elif self.groupdro_update_mode != "exp_smooth":
+            rules.append((("groupdro_gamma",), "only groupdro_update_mode 'exp_smooth' reads it "
+                                               f"(groupdro_update_mode is {self.groupdro_update_mode!r})"))
+        if self.lambda_sep == 0:
+            rules.append((("sep_method", "sep_margin", "sep_samples_per_class"), "lambda_sep is 0 (no separation loss)"))
+        elif self.sep_method == "classifier":
+            rules.append((("sep_margin",), "only sep_method 'w2_margin' reads it (sep_method is 'classifier')"))
+        else:
+            rules.append((("sep_samples_per_class",), "only sep_method 'classifier' reads it (sep_method is 'w2_margin')"))
+        if self.lambda_fit == 0:
+            rules.append((("per_group_fit",), "lambda_fit is 0 (no fit loss)"))
+        if self.head_hidden == 0:
+            rules.append((("head_dropout",), "head_hidden is 0 (a linear head has no dropout)"))
+        if self.optimizer != "sgd":
+            rules.append((("momentum", "nesterov"), f"only optimizer 'sgd' reads it (optimizer is {self.optimizer!r})"))
+        for scheduler, names in (("step", ("lr_step_size", "lr_gamma")), ("cosine", ("T_max", "eta_min")),
+                                 ("plateau", ("plateau_factor", "plateau_patience"))):
+            if self.lr_scheduler != scheduler:
+                rules.append((names, f"only lr_scheduler {scheduler!r} reads it (lr_scheduler is {self.lr_scheduler!r})"))
+        if self.lr_scheduler == "linear":
+            rules.append((("lr",), "the linear schedule starts at lr_start"))
+        elif self.lr_scheduler != "cosine" and self.lr_backbone is not None and self.lr_new is not None:
+            rules.append((("lr",), "lr_backbone and lr_new set every parameter group's LR"))
+        if self.allow_test_selection and not self.monitor.startswith("test_"):
+            rules.append((("allow_test_selection",), f"monitor {self.monitor!r} is not a test_* metric"))
+        rules += self._inactive_data_keys()
+        return rules
+
+    def _inactive_data_keys(self) -> list[tuple[tuple[str, ...], str]]:
+        """Data keys that the chosen dataset (and its layout or mode) does not read."""
+        rules = [(names, f"only dataset {owner!r} reads it (dataset is {self.dataset!r})")
+                 for owner, names in DATASET_KEYS.items() if owner != self.dataset]
+        if self.dataset == "digits":
+            rules.append((("data_root", "download"), "dataset 'digits' is embedded (scikit-learn)"))
+        draws_majority = self.dataset == "digits" or self.dataset == "mnist_usps" and self.mnist_usps_layout != "balanced"
+        if not draws_majority:
+            rules.append((("majority_frac",), "only digits and the skewed mnist_usps layouts draw majority classes"))
+        if self.dataset == "mnist_usps":
+            rules += [((name,), f"only mnist_usps_layout {' or '.join(layouts)} reads it "
+                                f"(mnist_usps_layout is {self.mnist_usps_layout!r})")
+                      for name, layouts in LAYOUT_KEYS.items() if self.mnist_usps_layout not in layouts]
+        if self.dataset == "textcaps" or self.dataset == "heart" and self.n_folds is not None:
+            rules.append((("test_frac",), "the test split is the official val split (textcaps) or a fold (heart)"))
+        if self.dataset == "heart" and self.n_folds is None:
+            rules.append((("fold_index",), "n_folds is null (one test_frac hold-out)"))
+        if self.dataset == "textcaps":
+            if not self.spurious_correlation:
+                rules.append((("spurious_majority_frac", "spurious_group_classes"), "spurious_correlation is false"))
+            if self.textcaps_class_names is not None:
+                rules.append((("textcaps_num_classes",), "textcaps_class_names lists the classes"))
+            if not self.feature_cache:
+                rules.append((("feature_cache_dir", "feature_backbone_weights"), "feature_cache is false"))
+            if self.textcaps_source != "local":
+                rules.append((("textcaps_image_dir",), f"textcaps_source is {self.textcaps_source!r}"))
+        return rules
 
     # --- construction and serialisation ---
     @classmethod
@@ -212,9 +359,7 @@ class Config:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "Config":
         """Build from a mapping; unknown keys fail with the closest valid key."""
-        unknown = [k for k in values if k not in cls.keys()]
-        if unknown:
-            raise ConfigError("; ".join(_unknown_key_message(k, source) for k in unknown))
+        _check_key_names(values, source)
         return cls(**dict(values))
 
     @classmethod
@@ -224,13 +369,27 @@ class Config:
         for path in files:
             merged.update(read_yaml_mapping(path))
         merged.update(coerce_overrides(overrides or {}))
-        return cls.from_dict(merged, source="parameters")
+        config = cls.from_dict(merged, source="parameters")
+        for message in config.inactive_key_warnings():
+            _warn_once(message)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write atomically (temp file in the same folder, fsync, rename): a kill leaves the old file or the new one."""
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(temporary, "x", encoding="utf-8") as handle:
+                handle.write(yaml.safe_dump(self.to_dict(), sort_keys=False))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        _fsync_folder(path.parent)
 
     def replace(self, **changes: Any) -> "Config":
         return Config.from_dict({**self.to_dict(), **changes})
@@ -241,23 +400,89 @@ class Config:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable where the OS can open folders (POSIX)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class _RefusedYaml(yaml.YAMLError):
+    """YAML that parses but is refused in a parameter file (an alias, a repeated key)."""
+
+
+class _ParameterLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases (no alias bomb) and repeated keys (PyYAML would keep the last)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """Compose as SafeLoader does, but stop at the first alias."""
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _RefusedYaml(f"YAML alias *{event.anchor} at line {event.start_mark.line + 1}: parameter files may "
+                               "not use anchors and aliases (they can expand without bound); write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """Construct as SafeLoader does, after checking that no scalar key appears twice."""
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if name in lines:
+                raise _RefusedYaml(f"key {name!r} appears twice (lines {lines[name]} and {line}); keep one")
+            lines[name] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """Read one YAML parameter file; it must be a mapping."""
+    """Read one YAML parameter file: UTF-8 text holding a non-empty mapping of known keys."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"parameter file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"parameter file {path} cannot be read: {err.strerror}") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"parameter file {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                          "a parameter file is YAML text such as 'lr: 1.0e-3'") from err
+    try:
+        values = yaml.load(text, Loader=_ParameterLoader)
+    except _RefusedYaml as err:
+        raise ConfigError(f"parameter file {path}: {err}") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"parameter file {path} is not valid YAML: {err}") from err
     if values is None:
-        return {}
+        raise ConfigError(f"parameter file {path} is empty (no key: value lines); an empty file would silently mean "
+                          "every default: add keys or leave the file out")
     if not isinstance(values, dict):
         raise ConfigError(f"parameter file {path} must hold a mapping of key: value, got {type(values).__name__}")
-    unknown = [k for k in values if k not in Config.keys()]
-    if unknown:
-        raise ConfigError("; ".join(_unknown_key_message(k, str(path)) for k in unknown))
+    _check_key_names(values, str(path))
     return values
+
+
+def _check_key_names(values: Mapping[Any, Any], source: str) -> None:
+    """Every key is a string naming a Config key; else an error naming each bad key and the closest valid one."""
+    problems = [f"key {k!r} ({type(k).__name__}) in {source} is not a key name; keys are names such as 'lr' "
+                "(quote a key that YAML reads as a number or boolean)" for k in values if not isinstance(k, str)]
+    problems += [_unknown_key_message(k, source) for k in values if isinstance(k, str) and k not in Config.keys()]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _warn_once(message: str) -> None:
+    """Print a config warning to stderr, once per process per message."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"tdro: warning: {message}", file=sys.stderr)
 
 
 def named_params_file(folder: Path, name: str, what: str, plural: str, error: type[Exception] = ConfigError) -> Path:
@@ -280,7 +505,9 @@ def coerce_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
 def _parse_scalar(text: str) -> Any:
     """A command-line value as YAML ('3e-4', 'true', '[64, 128]'); text that is not YAML stays text."""
     try:
-        return yaml.safe_load(text) if text.strip() else text
+        return yaml.load(text, Loader=_ParameterLoader) if text.strip() else text
+    except _RefusedYaml as err:
+        raise ConfigError(f"override value {text!r}: {err}") from err
     except yaml.YAMLError:
         return text
 
@@ -305,6 +532,13 @@ def _unknown_key_message(name: str, source: str) -> str:
 @functools.cache
 def _type_hints() -> dict[str, Any]:
     return typing.get_type_hints(Config)
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    """Each key's default value."""
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(Config)}
 
 
 def _allowed_types(name: str) -> tuple[tuple[type, ...], bool]:
@@ -333,7 +567,26 @@ def _check_value(f: dataclasses.Field, value: Any) -> Any:
         raise ConfigError(f"key {f.name!r} has value {value!r}; allowed: {', '.join(map(str, choices))}{hint}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         _check_range(f.name, value, meta)
+    if f.name == "device" and not DEVICE_PATTERN.fullmatch(value):
+        raise ConfigError(f"key 'device' has value {value!r}; allowed: auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps")
+    if meta["items"] is not None and isinstance(value, list):
+        _check_items(f.name, value, meta["items"], meta["nested"])
     return value
+
+
+def _check_items(name: str, value: list, bounds: tuple[int | None, int | None], nested: bool) -> None:
+    """Elements of a list key are integers within ``bounds`` (or lists of them when ``nested``)."""
+    low, high = bounds
+    span = {(False, False): f" {low}..{high}", (False, True): f" >= {low}", (True, False): f" <= {high}",
+            (True, True): ""}[(low is None, high is None)]
+    allowed = f"a list of {'lists of ' if nested else ''}integers{span}"
+    for i, element in enumerate(value):
+        if nested and not isinstance(element, list):
+            raise ConfigError(f"key {name!r} has value {value!r}; allowed: {allowed}; element [{i}] is {element!r}")
+        for where, x in ([(f"[{i}][{j}]", x) for j, x in enumerate(element)] if nested else [(f"[{i}]", element)]):
+            if (isinstance(x, bool) or not isinstance(x, int) or (low is not None and x < low)
+                    or (high is not None and x > high)):
+                raise ConfigError(f"key {name!r} has value {value!r}; allowed: {allowed}; element {where} is {x!r}")
 
 
 def _coerce(name: str, value: Any, allowed: tuple[type, ...]) -> Any:
@@ -368,9 +621,9 @@ def _check_range(name: str, value: float, meta: Mapping[str, Any]) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"key {name!r} has value {value!r}; it must be finite")
     too_low = low is not None and (value <= low if meta["low_open"] else value < low)
-    too_high = high is not None and value > high
+    too_high = high is not None and (value >= high if meta["high_open"] else value > high)
     if too_low or too_high:
         lower = "" if low is None else (f"> {low}" if meta["low_open"] else f">= {low}")
-        upper = "" if high is None else f"<= {high}"
+        upper = "" if high is None else (f"< {high}" if meta["high_open"] else f"<= {high}")
         allowed = " and ".join(part for part in (lower, upper) if part)
         raise ConfigError(f"key {name!r} has value {value!r}; allowed: {allowed}")

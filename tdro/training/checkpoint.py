@@ -61,7 +61,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # torch's unpickling message advises weights_only=False, which would run code from the file
+        unreadable = isinstance(error, pickle.UnpicklingError) or not str(error)
+        reason = "it does not unpickle as tensors" if unreadable else str(error).splitlines()[0]
         raise CheckpointError(f"checkpoint {path} is cut or corrupt ({reason}). {_remedy(path)}") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise CheckpointError(f"checkpoint {path} is not a tdro checkpoint (no model state). {_remedy(path)}")

@@ -318,7 +318,7 @@ class Trainer:
                 return self._skip_step("the loss is not finite", parts, dro_state)
             loss.backward()
         except NUMERICAL_ERRORS as error:
-            return self._skip_step(f"{type(error).__name__}: {str(error).splitlines()[0]}", {}, dro_state)
+            return self._skip_step(f"{type(error).__name__.lstrip('_')}: {str(error).splitlines()[0]}", {}, dro_state)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
         if not torch.isfinite(grad_norm):
@@ -498,6 +498,7 @@ class Trainer:
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "numpy": np.__version__, "tdro": sys.modules["tdro"].__version__},
             "config_hash": self.config.result_hash(),
+            "config_warnings": self.config.inactive_key_warnings(),
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         if self.tensorboard is not None:
