@@ -106,6 +106,7 @@ def command_sweep(args: argparse.Namespace) -> int:
 
     from tdro.sweep import SweepError, attach, create_sweep, load_search_space
 
+    check_sweep_arguments(args)
     storage_options = dict(heartbeat_interval=args.heartbeat_interval or None, grace_period=args.grace_period,
                            max_retry=args.max_retry)
     if args.search_file:
@@ -140,6 +141,21 @@ def command_sweep(args: argparse.Namespace) -> int:
             print("best config over seeds (test evaluated once per seed, on the checkpoint selected on validation):")
             print(table.drop(columns=["run_dir"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
+
+
+def check_sweep_arguments(args: argparse.Namespace) -> None:
+    """Refuse impossible sweep arguments before a study, storage or folder is created."""
+    from tdro.sweep import SweepError, check_study_name, check_sweep_options
+
+    if args.study is not None:
+        check_study_name(args.study, "--study")
+    check_sweep_options(args.trials, args.timeout, args.max_trials, args.seed, args.heartbeat_interval,
+                        args.grace_period, args.max_retry)
+    if args.top < 1:
+        raise SweepError(f"--top must be an integer >= 1 (rows of the top-trials table); got {args.top}")
+    seeds = args.rerun_seeds or []
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise SweepError(f"--rerun-seeds must be distinct integers >= 0; got {' '.join(map(str, seeds))}")
 
 
 def describe(storage: str) -> str:

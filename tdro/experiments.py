@@ -41,7 +41,7 @@ import pandas as pd
 import yaml
 
 from tdro.config import Config, named_params_file
-from tdro.phases import _check_config_keys, ensure_run, index_runs, paired_difference, seed_list
+from tdro.phases import _check_config_keys, die_with_parent, ensure_run, index_runs, paired_difference, seed_list
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS_DIR = ROOT / "params" / "experiments"
@@ -279,7 +279,9 @@ def _set_threads(threads: int | None) -> int:
     return before
 
 
-def _worker_init(threads: int | None) -> None:
+def _worker_init(threads: int | None, parent_pid: int) -> None:
+    """Worker set-up: die with the parent process (a killed kernel leaves no worker training) and set threads."""
+    die_with_parent(parent_pid)
     _set_threads(threads)
 
 
@@ -297,7 +299,7 @@ def run_experiment(plan: ExperimentPlan, workers: int = 1, threads_per_worker: i
 
     ``workers`` > 1 trains in that many processes (spawned; each run is independent), each with
     ``threads_per_worker`` torch threads: the models are small, so one thread per process is faster
-    than intra-op threads that fight over shared cores. Each invocation is appended to
+    than intra-op threads that fight over shared cores. The workers die with this process (Linux). Each invocation is appended to
     ``<experiment_dir>/runner_log.jsonl`` (start, end, elapsed, how many runs were trained).
     """
     started, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -334,7 +336,7 @@ def run_experiment(plan: ExperimentPlan, workers: int = 1, threads_per_worker: i
 
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                     initargs=(threads_per_worker,)) as pool:
+                                     initargs=(threads_per_worker, os.getpid())) as pool:
                 futures = {pool.submit(_train_one, run.config.to_dict(), str(plan.output_dir), metadata, candidates): run
                            for run, metadata, candidates in todo}
                 for i, future in enumerate(as_completed(futures), start=1):

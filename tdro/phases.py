@@ -21,11 +21,18 @@ Config per (arm, seed). ``run_phase`` is idempotent: a finished run with the sam
 ``Config.result_hash()`` anywhere under the output folder is reused, an unfinished one is resumed
 (``tdro.training.trainer.resume``), and only what is missing is trained. ``PhaseResult`` gives the
 runs, the measured-impact table and the chosen config for the next phase.
+
+A child process (``isolate``: ``python -m tdro train``; ``tdro.experiments``' worker processes) dies
+with the process that started it (``die_with_parent``, Linux): killing the notebook's kernel or
+papermill leaves no training run behind.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -464,8 +471,32 @@ def find_run(root: str | Path, config: Config, index: Mapping[str, list[Path]] |
     return (candidates[0], False) if candidates else (None, False)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl (Linux), looked up once in the parent: a forked child must not load libraries."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None).prctl
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux); exit at once if the parent is already gone."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
 def _subprocess(arguments: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "tdro", *arguments], capture_output=True, text=True)
+    _prctl()
+    result = subprocess.run([sys.executable, "-m", "tdro", *arguments], capture_output=True, text=True,
+                            preexec_fn=functools.partial(die_with_parent, os.getpid()))
     if result.returncode != 0:
         raise RuntimeError(f"`python -m tdro {' '.join(arguments)}` failed (exit {result.returncode}):\n"
                            f"{result.stderr[-3000:]}")

@@ -145,7 +145,12 @@ def test_missing_image_is_reported_not_silently_dropped(tmp_path):
 def test_unreadable_image_raises_naming_the_file(tmp_path):
     root = make_root(tmp_path)
     bad = image_path(root, SOLID_ID)
+    whole = bad.read_bytes()
     bad.write_bytes(b"this is not a jpeg")
+    with pytest.raises(DataError, match=rf"1 of \d+ images cannot be read: {bad}"):
+        build_dataset(cfg(root))  # its header is checked when the dataset is built
+    scan = whole.index(b"\xff\xda")  # start of the pixel data
+    bad.write_bytes(whole[: scan + (len(whole) - scan) // 2])  # header intact, pixel data cut: found when decoded
     ds = build_dataset(cfg(root))
     split, where = locate(ds, "visual", SOLID_ID)
     with pytest.raises(DataError, match=rf"cannot read image {bad}"):

@@ -1,8 +1,11 @@
 """Result experiments (params/experiments/*.yaml): smoke versions run for real on the shared data, plus the
 honesty checks (seeds vs folds, the shared encoder's zero-filled union, no test-set selection)."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,8 @@ from tdro.experiments import (ExperimentError, ExperimentResult, _summary_row, l
                               run_experiment)
 from tdro.models.multigroup import build_model
 from tdro.training.trainer import Trainer
+
+from processes import alive, children, command_line, wait_gone  # tests/processes.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -172,3 +177,41 @@ def test_the_experiment_notebook_runs_under_papermill(tmp_path):
     assert "SMOKE RUN" in report and "Setting: uncapped" in report
     notebook = json.loads(out.read_text())
     assert not any(o.get("output_type") == "error" for c in notebook["cells"] for o in c.get("outputs", []))
+
+
+ORPHAN_PARENT = """
+import sys
+from tdro.experiments import plan_experiment, run_experiment
+
+if __name__ == "__main__":  # the workers are spawned: they import this file
+    plan = plan_experiment("heart", smoke=True, output_dir=sys.argv[1], settings=["uncapped"],
+                           overrides={"epochs": 5000})
+    run_experiment(plan, workers=2, log=None)
+"""
+
+
+@pytest.mark.slow
+@needs_heart
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with their parent through Linux's prctl")
+def test_experiment_worker_processes_die_when_their_parent_is_killed(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(ORPHAN_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "out")], cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 180
+        while len([h for h in (tmp_path / "out").rglob("history.jsonl") if h.read_text().count("\n") >= 1]) < 2:
+            assert parent.poll() is None and time.time() < deadline, "two workers never both finished an epoch"
+            time.sleep(0.1)
+        workers = [pid for pid in children(parent.pid) if "multiprocessing" in command_line(pid)]
+        assert len(workers) >= 2, [command_line(pid) for pid in children(parent.pid)]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+        assert wait_gone(workers, timeout=5) == [], "worker processes kept training after their parent died"
+        assert not list((tmp_path / "out").rglob("summary.json")), "they were killed, not finished"
+    finally:
+        for pid in [parent.pid, *workers]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

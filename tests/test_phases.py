@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,9 @@ from tdro.config import Config
 from tdro.phases import (BASELINE, PHASE_NAMES, PhaseError, ensure_run, find_run, format_impact, impact_table,
                          load_phase, paired_difference, plan_phase, run_phase, scale_epochs)
 
+from processes import alive, children, command_line, descendants, wait_gone  # tests/processes.py
+
+ROOT = Path(__file__).resolve().parents[1]
 SEED_FILE = Path(__file__).resolve().parents[2] / "shared" / "seed" / "hyperparameter-optimization-analysis.md"
 
 SEED_ARMS = {
@@ -290,3 +298,72 @@ def test_isolated_runs_train_in_a_child_process(tmp_path):
     (run_dir / "summary.json").unlink()
     assert ensure_run(config, tmp_path, isolate=True) == (run_dir, "resumed")
     assert (run_dir / "summary.json").is_file()
+
+
+ORPHAN_PARENT = """
+import sys
+from tdro.config import Config
+from tdro.phases import ensure_run
+
+config = Config(epochs=5000, progress=False, latent_dim=4, head_hidden=0, group_max_train_samples=[60, 60],
+                output_dir=sys.argv[1], run_name="orphan")
+ensure_run(config, sys.argv[1], isolate=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children die with their parent through Linux's prctl")
+def test_an_isolated_child_run_dies_when_its_parent_is_killed(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(ORPHAN_PARENT)
+    runs = tmp_path / "runs"
+    parent = subprocess.Popen([sys.executable, str(script), str(runs)], cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    history = runs / "orphan" / "history.jsonl"
+    child = None
+    try:
+        deadline = time.time() + 120
+        while not (history.is_file() and history.read_text().count("\n") >= 1):  # the child is training
+            assert parent.poll() is None and time.time() < deadline, "the child never finished an epoch"
+            time.sleep(0.05)
+        (child,) = children(parent.pid)
+        assert "-m tdro train" in command_line(child)
+        os.kill(parent.pid, signal.SIGKILL)  # as when papermill (and with it the kernel) is killed
+        parent.wait(timeout=30)
+        assert wait_gone([child], timeout=5) == [], "the child `python -m tdro train` outlived its parent"
+        assert not (runs / "orphan" / "summary.json").exists(), "it was killed, not finished"
+    finally:
+        for pid in [parent.pid] + ([child] if child else []):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children die with their parent through Linux's prctl")
+def test_killing_papermill_ends_the_phase_notebooks_kernel_and_training_child(tmp_path):
+    from jupyter_client.kernelspec import find_kernel_specs
+
+    kernel = "tdro" if "tdro" in find_kernel_specs() else "python3"
+    out = tmp_path / "outputs"
+    command = [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "phase1_quick_wins.ipynb"),
+               str(tmp_path / "phase1.ipynb"), "-k", kernel, "--cwd", str(ROOT), "-p", "dataset", "digits",
+               "-p", "seeds", "1", "-p", "epochs_scale", "100", "-p", "output_dir", str(out)]
+    papermill = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "agg"},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spawned: list[int] = []
+    try:
+        deadline = time.time() + 240
+        while not any(h.read_text().count("\n") >= 1 for h in out.rglob("history.jsonl")):  # a child is training
+            assert papermill.poll() is None and time.time() < deadline, "no isolated run finished an epoch"
+            time.sleep(0.1)
+        spawned = descendants(papermill.pid)
+        assert any("-m tdro train" in command_line(pid) for pid in spawned), [command_line(p) for p in spawned]
+        os.kill(papermill.pid, signal.SIGKILL)
+        papermill.wait(timeout=30)
+        left = wait_gone(spawned, timeout=10)  # the kernel notices within a second; its child dies with it
+        assert left == [], f"still running after papermill was killed: {[command_line(p) for p in left]}"
+    finally:
+        for pid in [papermill.pid, *spawned]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

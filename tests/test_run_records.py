@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,18 @@ else:
 from tdro.__main__ import main
 sys.exit(main(sys.argv[2:]))
 '''
+
+
+@pytest.fixture(scope="module")
+def finished_template(tmp_path_factory) -> Path:
+    """One finished 2-epoch run, trained once per module; tests damage copies of it."""
+    root = tmp_path_factory.mktemp("template")
+    return train(Config(output_dir=str(root / "runs"), run_name="r", **{**OVERRIDES, "epochs": 2})).run_dir
+
+
+@pytest.fixture
+def finished_run(finished_template: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished_template, tmp_path / "runs" / "r"))
 
 
 def cli(*arguments: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
@@ -146,8 +159,8 @@ def test_a_run_that_stopped_early_and_was_killed_before_its_summary_does_not_tra
     assert_same_records(run, reference.run_dir)
 
 
-def test_resume_refuses_a_config_yaml_that_differs_from_the_checkpoint_naming_the_keys(tmp_path):
-    run = train(Config(output_dir=str(tmp_path / "runs"), run_name="r", **{**OVERRIDES, "epochs": 1})).run_dir
+def test_resume_refuses_a_config_yaml_that_differs_from_the_checkpoint_naming_the_keys(finished_run, tmp_path):
+    run = finished_run
     config_path = run / "config.yaml"
     values = yaml.safe_load(config_path.read_text())
     config_path.write_text(yaml.safe_dump({**values, "lr": 0.5, "latent_dim": 4}))
@@ -156,8 +169,8 @@ def test_resume_refuses_a_config_yaml_that_differs_from_the_checkpoint_naming_th
     assert load_checkpoint(run / "checkpoints" / "last.pt")["config_hash"] == Config(**values).result_hash()
 
 
-def test_a_config_yaml_cut_anywhere_never_resumes_as_another_config(tmp_path):
-    run = train(Config(output_dir=str(tmp_path / "runs"), run_name="r", **{**OVERRIDES, "epochs": 1})).run_dir
+def test_a_config_yaml_cut_anywhere_never_resumes_as_another_config(finished_run, tmp_path):
+    run = finished_run
     text = (run / "config.yaml").read_bytes()
     (run / "summary.json").unlink()
     for cut in range(0, len(text), max(1, len(text) // 40)):
@@ -165,7 +178,7 @@ def test_a_config_yaml_cut_anywhere_never_resumes_as_another_config(tmp_path):
         with pytest.raises(ConfigError):
             resume(run)
     (run / "config.yaml").write_bytes(text)
-    assert resume(run).summary["epochs_run"] == 1
+    assert resume(run).summary["epochs_run"] == 2
 
 
 def test_config_yaml_is_written_atomically(tmp_path, monkeypatch):
@@ -192,8 +205,8 @@ time.sleep(120)
 '''
 
 
-def test_a_second_writer_of_one_run_is_refused_until_the_first_dies(tmp_path):
-    run = train(Config(output_dir=str(tmp_path / "runs"), run_name="r", **{**OVERRIDES, "epochs": 1})).run_dir
+def test_a_second_writer_of_one_run_is_refused_until_the_first_dies(finished_run, tmp_path):
+    run = finished_run
     (run / "summary.json").unlink()
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
     try:
@@ -209,7 +222,7 @@ def test_a_second_writer_of_one_run_is_refused_until_the_first_dies(tmp_path):
         holder.kill()
         holder.wait()
     assert not (run / "summary.json").exists(), "the refused writers wrote nothing"
-    assert resume(run).summary["epochs_run"] == 1, "the lock dies with its process"
+    assert resume(run).summary["epochs_run"] == 2, "the lock dies with its process"
 
 
 def test_two_writers_in_one_process_are_refused_too(tmp_path):
@@ -223,8 +236,8 @@ def test_two_writers_in_one_process_are_refused_too(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_a_corrupt_last_checkpoint_names_the_file_and_the_remedy(tmp_path, damage):
-    run = train(Config(output_dir=str(tmp_path / "runs"), run_name="r", **{**OVERRIDES, "epochs": 2})).run_dir
+def test_a_corrupt_last_checkpoint_names_the_file_and_the_remedy(finished_run, tmp_path, damage):
+    run = finished_run
     last = run / "checkpoints" / "last.pt"
     data = last.read_bytes()
     last.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
@@ -237,8 +250,8 @@ def test_a_corrupt_last_checkpoint_names_the_file_and_the_remedy(tmp_path, damag
         load_checkpoint(last)
 
 
-def test_a_corrupt_summary_names_the_file_and_resume_writes_it_again(tmp_path):
-    run = train(Config(output_dir=str(tmp_path / "runs"), run_name="r", **{**OVERRIDES, "epochs": 1})).run_dir
+def test_a_corrupt_summary_names_the_file_and_resume_writes_it_again(finished_run, tmp_path):
+    run = finished_run
     summary = (run / "summary.json").read_text()
     (run / "summary.json").write_text(summary[: len(summary) // 2])
     shown = cli("show", str(run))
@@ -246,7 +259,7 @@ def test_a_corrupt_summary_names_the_file_and_resume_writes_it_again(tmp_path):
     assert f"{run / 'summary.json'} is cut or corrupt" in shown.stderr and "--resume" in shown.stderr
     with pytest.raises(ValueError, match="cut or corrupt"):
         load_run(run)
-    assert resume(run).summary["epochs_run"] == 1
+    assert resume(run).summary["epochs_run"] == 2
     assert json.loads((run / "summary.json").read_text())["test"] == json.loads(summary)["test"]
 
 

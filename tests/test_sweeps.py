@@ -310,6 +310,8 @@ def test_a_killed_worker_leaves_a_failed_trial_and_a_new_worker_continues(postgr
     assert retry.params == killed.params and retry.user_attrs["retry_of"] == 0
     assert retry.system_attrs["failed_trial"] == 0
     assert not (Path(killed.user_attrs["run_dir"]) / "summary.json").exists()
+    record = json.loads((Path(killed.user_attrs["run_dir"]) / "sweep.json").read_text())
+    assert record["state"] == "failed" and record["retried_by"] == 1, "the record follows the storage, not 'running'"
     assert json.loads((Path(retry.user_attrs["run_dir"]) / "summary.json").read_text())["sweep_trial"] == 1
     assert len(read_jsonl(Path(retry.user_attrs["run_dir"]) / "history.jsonl")) == 25
 

@@ -3,7 +3,9 @@
 Files: the UCI ``processed.{cleveland,hungarian,switzerland,va}.data`` (14 comma-separated
 fields, ``?`` = missing) in ``data_root`` or its ``uci_heart_disease/`` sub-folder; with
 ``download: true`` missing files are fetched from the UCI archive into
-``<data_root>/uci_heart_disease``. Label: ``num > 0``.
+``<data_root>/uci_heart_disease``. Label: ``num > 0``. ``num`` must be one of 0..4: a row whose label is
+``?`` (unknown; the official files have none) is an error naming the file and its lines, never a
+guess. A site needs at least ``MIN_SITE_ROWS`` (20) usable rows to be split into train / val / test.
 
 Preprocessing (reference-method.md §1.3), every statistic from the site's **training rows only**:
 
@@ -57,12 +59,15 @@ HETAGG_MASKS = {
     "va": [0, 1, 2, 4, 5, 6, 8, 9, 10],
 }
 ENCODER_OPTIONS = {"hidden_dim": 64, "dropout": 0.1}
+NUM_VALUES = (0, 1, 2, 3, 4)
+MIN_SITE_ROWS = 20  # fewer rows cannot make train / val / test splits worth a number
 
 
 def read_heart_file(path: str | Path) -> np.ndarray:
-    """(rows, 14) floats with NaN for ``?``; a row with another field count is an error naming the line."""
+    """(rows, 14) floats with NaN for ``?``; a row with another field count, or a ``num`` label that is ``?`` or
+    not 0..4, is an error naming the line."""
     path = Path(path)
-    rows = []
+    rows, line_numbers = [], []
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
@@ -83,6 +88,7 @@ def read_heart_file(path: str | Path) -> np.ndarray:
                 raise DataError(f"{path}, line {number}: field {name}={text!r} is not a number or '?'; use the "
                                 f"original UCI file from {UCI_PAGE}") from None
         rows.append(values)
+        line_numbers.append(number)
     if not rows:
         raise DataError(f"{path} holds no rows; use the original UCI file from {UCI_PAGE}")
     data = np.asarray(rows, dtype=np.float64)
@@ -92,6 +98,15 @@ def read_heart_file(path: str | Path) -> np.ndarray:
         if bad.any():
             line = int(np.flatnonzero(bad)[0]) + 1
             raise DataError(f"{path}, row {line}: {name}={column[bad][0]} is not one of {allowed}")
+    num = data[:, COLUMNS.index("num")]
+    for bad, what in ((np.isnan(num), "have no label (num is '?', unknown)"),
+                      (~np.isnan(num) & ~np.isin(num, NUM_VALUES), f"have a label num outside {NUM_VALUES}")):
+        if bad.any():
+            lines = [line_numbers[i] for i in np.flatnonzero(bad)]
+            shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+            raise DataError(f"{path}: {len(lines)} row(s) {what}, at line(s) {shown}; a row without a valid label "
+                            "cannot be trained or scored: remove those lines or use the original UCI file from "
+                            f"{UCI_PAGE}")
     return data
 
 
@@ -188,6 +203,12 @@ def build_heart(config) -> GroupedDataset:
         if not config.impute_missing:
             complete = ~np.isnan(raw).any(axis=1)
             raw, labels, rows = raw[complete], labels[complete], rows[complete]
+        if len(labels) < MIN_SITE_ROWS:
+            dropped = "" if config.impute_missing else f" left after dropping {len(data) - len(labels)} incomplete ones " \
+                                                       "(impute_missing: false)"
+            raise DataError(f"heart site {site!r} has {len(labels)} rows{dropped} in {path}, but a site needs at least "
+                            f"{MIN_SITE_ROWS} to be split into train / val / test; use the full UCI file from {UCI_PAGE}"
+                            + ("" if config.impute_missing else " or impute_missing: true"))
         train, val, test = _split_rows(labels, config, site)
         if cap is not None:
             train = stratified_cap(train, labels, cap, split_rng(config.data_split_seed, "heart-cap", site))

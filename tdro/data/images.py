@@ -1,7 +1,8 @@
 """Lazy image inputs: decode through PIL, resize, ImageNet-normalise, one batch at a time.
 
 An image that cannot be read is an error naming the file (the reference returned a silent zero
-image).
+image). ``ImageFileStore.check_headers`` opens every file's header when a dataset is built, so an
+unreadable file fails before a run directory exists rather than in epoch 1.
 """
 from __future__ import annotations
 
@@ -38,6 +39,21 @@ class ImageTransform:
 
     def identity(self) -> dict:
         return {"image_size": self.image_size, "resize": "PIL bilinear", "mean": list(self.mean), "std": list(self.std)}
+
+
+def _header_problem(path: Path) -> str | None:
+    """Why PIL cannot identify an image file from its header (format, size; PNG chunk checksums), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            image.verify()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        return f"{path} ({type(error).__name__}: {error})"
+    if width < 1 or height < 1:
+        return f"{path} (size {width}x{height})"
+    return None
 
 
 def _default_threads() -> int:
@@ -85,6 +101,15 @@ class ImageFileStore(_BaseImageStore):
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             raise DataError(f"cannot read image {path} ({type(error).__name__}: {error}); replace the file with a "
                             "valid image (re-download it) or remove it so the item is reported as missing") from error
+
+    def check_headers(self) -> None:
+        """Open every file's header without decoding its pixels; any unreadable file is an error naming it."""
+        with ThreadPoolExecutor(max(1, self.threads)) as pool:  # PIL releases the GIL on file reads
+            problems = [p for p in pool.map(_header_problem, self.paths) if p is not None]
+        if problems:
+            raise DataError(f"{len(problems)} of {len(self.paths)} images cannot be read: {'; '.join(problems[:5])}"
+                            f"{'; ...' if len(problems) > 5 else ''}. Replace each with a valid image (re-download it) "
+                            "or remove it so its item is reported as missing")
 
     def subset(self, positions) -> "ImageFileStore":
         positions = torch.as_tensor(positions, dtype=torch.long).tolist()

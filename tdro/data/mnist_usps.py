@@ -102,6 +102,18 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, count=count, offset=header).reshape(dims)
 
 
+def check_digit_labels(labels: np.ndarray, where: str, origin: str) -> np.ndarray:
+    """The labels, refused (naming ``where``, the count and the values) unless every one is a digit 0..9."""
+    bad = (labels < 0) | (labels > 9)
+    if bad.any():
+        values = sorted(set(labels[bad].tolist()))
+        shown = ", ".join(map(str, values[:10])) + (", ..." if len(values) > 10 else "")
+        raise DataError(f"{where}: {int(bad.sum())} of {len(labels)} labels are outside the digits 0..9 "
+                        f"(values {shown}); the file is corrupt or not a digit labels file: delete it and download it "
+                        f"again from {origin}")
+    return labels
+
+
 def read_usps_libsvm(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """USPS LIBSVM lines ``label i:v ...`` (labels 1..10 = digit + 1, indices 1..256, values in [-1, 1])
     as (N, 16, 16) floats in [0, 1] and digit labels."""
@@ -157,7 +169,7 @@ def read_usps_h5(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     if data.ndim != 2 or data.shape[1] != 256 or len(data) != len(target):
         raise DataError(f"{path}: {split}/data has shape {data.shape} and {split}/target {target.shape}; "
                         "expected (N, 256) and (N,)")
-    return data.reshape(-1, 16, 16), target
+    return data.reshape(-1, 16, 16), check_digit_labels(target, f"{path}:{split}/target", USPS_ORIGIN)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -221,7 +233,7 @@ def load_mnist_pool(root: Path, pool: bool, download: bool) -> Pool:
     for split in present:
         image_path, label_path = files[split]
         x = read_idx(image_path, IDX_IMAGES_MAGIC)
-        y = read_idx(label_path, IDX_LABELS_MAGIC)
+        y = check_digit_labels(read_idx(label_path, IDX_LABELS_MAGIC), str(label_path), MNIST_ORIGIN)
         if x.ndim != 3 or len(x) != len(y):
             raise DataError(f"{image_path} holds {x.shape} images but {label_path} holds {len(y)} labels; "
                             "the pair must match (re-download both)")

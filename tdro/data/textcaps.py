@@ -12,7 +12,8 @@ Sources (``textcaps_source``):
   ``<root>/images`` when it exists, else the folder of the JSON files (``image_path`` looks like
   ``train/011e7e629fb9ae7b.jpg``; the TextVQA zip's ``train_images/<image_name>.jpg`` is also
   accepted). Items whose image file is missing are left out and reported (a warning with the
-  count and first paths, and ``info["missing_images"]``), never dropped silently.
+  count and first paths, and ``info["missing_images"]``), never dropped silently; every used image's
+  header is opened when the dataset is built, so an unreadable file is an error naming it then.
 * ``huggingface`` - ``lmms-lab/TextCaps`` through the optional ``datasets`` package (needs it
   installed and network access or its local cache; fails clearly otherwise).
 
@@ -295,6 +296,7 @@ def build_textcaps(config) -> GroupedDataset:
     if needs_images:
         if config.textcaps_source == "local":
             store = ImageFileStore([it["path"] for it in pool], transform)
+            store.check_headers()  # before any run directory exists, not in epoch 1
         else:
             store = CallableImageStore(
                 [it["hf"] for it in pool], lambda key: hf_tables[key[0]][int(key[1])]["image"], transform,

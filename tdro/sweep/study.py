@@ -11,7 +11,12 @@ Storage: by default an SQLite file ``<sweeps_dir>/<study>/optuna.db`` (one machi
 up); a PostgreSQL (or any SQLAlchemy) URL shares one study between workers on many machines; a path
 ending in ``.journal`` uses Optuna's journal file. SQL storages record heartbeats: a worker killed
 mid-trial leaves a trial whose heartbeat stops, and the next worker to ask for a trial marks it
-FAIL and (``max_retry``) queues a retry with the same parameters.
+FAIL and (``max_retry``) queues a retry with the same parameters; the killed trial's ``sweep.json``
+(which its worker could not update) is then marked failed from the storage's state
+(``reconcile_records``, run whenever a study is created, attached or optimized).
+
+Study names and worker options are checked before anything is created: a study name is one folder
+name (``check_study_name``), counts and times are in range (``check_sweep_options``).
 """
 from __future__ import annotations
 
@@ -49,9 +54,51 @@ def _optuna():
 
 
 # ============================================================================================ storage
+def check_study_name(name: Any, what: str = "study name") -> str:
+    """The study name, refused unless it is one folder name: it names ``<sweeps_dir>/<study>``."""
+    if not isinstance(name, str) or name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise SweepError(f"{what} {name!r} must be one folder name (no '/', '\\', '..' or absolute path): the study's "
+                         "runs and tables go to <sweeps_dir>/<study>; choose a plain name such as 'groupdro_lr'")
+    return name
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_sweep_options(trials: int = 0, timeout: float | None = None, max_trials: int | None = None,
+                        seed: int | None = None, heartbeat_interval: int | None = 60, grace_period: int | None = None,
+                        max_retry: int = 1) -> None:
+    """Refuse impossible worker options before any study, storage or folder is made."""
+    problems = []
+    if not _integer(trials) or trials < 0:
+        problems.append(f"trials (--trials) must be an integer >= 0 (0: only report); got {trials!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout <= 0):
+        problems.append(f"timeout (--timeout) must be a finite number of seconds > 0, or unset; got {timeout!r}")
+    if max_trials is not None and (not _integer(max_trials) or max_trials < 1):
+        problems.append(f"max_trials (--max-trials) must be an integer >= 1, or unset; got {max_trials!r}")
+    if seed is not None and (not _integer(seed) or not 0 <= seed < 2 ** 32):
+        problems.append(f"seed (--seed) must be an integer in 0..{2 ** 32 - 1}, or unset; got {seed!r}")
+    if heartbeat_interval is not None and (not _integer(heartbeat_interval) or heartbeat_interval < 0):
+        problems.append(f"heartbeat_interval (--heartbeat-interval) must be an integer >= 0 (0: off); "
+                        f"got {heartbeat_interval!r}")
+    elif grace_period is not None:
+        if not _integer(grace_period) or grace_period < 1:
+            problems.append(f"grace_period (--grace-period) must be an integer >= 1, or unset; got {grace_period!r}")
+        elif heartbeat_interval and grace_period <= heartbeat_interval:
+            problems.append(f"grace_period (--grace-period) {grace_period} must exceed heartbeat_interval "
+                            f"(--heartbeat-interval) {heartbeat_interval}, or a live worker's trial is failed "
+                            "between two of its heartbeats")
+    if not _integer(max_retry) or max_retry < 0:
+        problems.append(f"max_retry (--max-retry) must be an integer >= 0; got {max_retry!r}")
+    if problems:
+        raise SweepError("; ".join(problems))
+
+
 def default_storage(study: str, sweeps_dir: str | Path = DEFAULT_SWEEPS_DIR) -> str:
     """The SQLite URL of a study on this machine: ``<sweeps_dir>/<study>/optuna.db``."""
-    return f"sqlite:///{Path(sweeps_dir) / study / 'optuna.db'}"
+    return f"sqlite:///{Path(sweeps_dir) / check_study_name(study)}/optuna.db"
 
 
 def describe_storage(url: str) -> str:
@@ -91,6 +138,8 @@ def open_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
       heartbeats, so a killed worker's trial stays RUNNING).
     """
     optuna = _optuna()
+    if max_retry < 0:
+        raise SweepError(f"max_retry must be >= 0; got {max_retry}")
     if url.startswith("journal:") or url.endswith(".journal"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,8 +158,6 @@ def open_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
         engine_kwargs["connect_args"] = {"timeout": 60}
     elif url.startswith("postgresql"):
         engine_kwargs["pool_pre_ping"] = True
-    if max_retry < 0:
-        raise SweepError(f"max_retry must be >= 0; got {max_retry}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         callback = (optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
@@ -224,6 +271,7 @@ class Objective:
         from tdro.training.trainer import train
 
         train = self._train or train
+        reconcile_records(trial.study)  # trials Optuna failed for a stale heartbeat as it started this one
         params = self.space.suggest(trial)
         run_dir = self.runs_dir / trial_run_name(trial.number)
         config = self.space.config(params, run_name=run_dir.name, output_dir=str(self.runs_dir))
@@ -285,6 +333,35 @@ class Objective:
         return value
 
 
+def reconcile_records(study) -> list[int]:
+    """Mark ``sweep.json`` failed where the storage failed a trial whose record still says running.
+
+    A worker killed mid-trial cannot update its record; the next worker fails the trial through its
+    stale heartbeat. Returns the numbers of the records changed (on this machine; others are skipped).
+    """
+    optuna = _optuna()
+    trials = study.get_trials(deepcopy=False)
+    retried_by = {int(t.system_attrs["failed_trial"]): t.number for t in trials if "failed_trial" in t.system_attrs}
+    changed = []
+    for trial in trials:
+        if trial.state != optuna.trial.TrialState.FAIL or "run_dir" not in trial.user_attrs:
+            continue
+        path = Path(trial.user_attrs["run_dir"]) / "sweep.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):  # a run on another machine, or a record never written
+            continue
+        if record.get("state") != "running":
+            continue
+        finished = trial.datetime_complete.astimezone(timezone.utc).isoformat(timespec="seconds") \
+            if trial.datetime_complete else _now()
+        _write_json(path, {**record, "state": "failed", "finished": finished, "retried_by": retried_by.get(trial.number),
+                           "error": "the worker stopped sending heartbeats (killed, or its machine lost) and Optuna "
+                                    "marked the trial failed"})
+        changed.append(trial.number)
+    return changed
+
+
 def _retried_trial_number(trial) -> int | None:
     """The number of the trial this one retries (a worker killed mid-trial), else None."""
     try:
@@ -328,8 +405,7 @@ class Sweep:
         holds that many complete, pruned or running trials (counted over all workers, best effort).
         """
         optuna = _optuna()
-        if trials < 0:
-            raise SweepError(f"trials must be >= 0; got {trials}")
+        check_sweep_options(trials, timeout, max_trials, seed)
         if trials == 0:
             return self
         if seed is not None and not self.storage.startswith("sqlite:///"):
@@ -347,6 +423,7 @@ class Sweep:
         # A diverging or invalid combination fails its trial; the sweep goes on.
         self.study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=callbacks,
                             catch=(NonFiniteLossError, SweepError, ValueError, ArithmeticError))
+        reconcile_records(self.study)
         return self
 
     # --- reading ---
@@ -488,7 +565,9 @@ def create_sweep(space: SearchSpace, study_name: str | None = None, storage: str
                  grace_period: int | None = None, max_retry: int = 1) -> Sweep:
     """Create the study, or join it when it exists (another worker): same name, storage and search space."""
     optuna = _optuna()
-    study_name = study_name or space.name
+    study_name = check_study_name(study_name) if study_name is not None else \
+        check_study_name(space.name, f"study name (the name of search space {space.name!r})")
+    check_sweep_options(heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_retry=max_retry)
     storage = storage or default_storage(study_name, sweeps_dir)
     backend = open_storage(storage, heartbeat_interval, grace_period, max_retry)
     study = optuna.create_study(storage=backend, study_name=study_name, direction=space.direction,
@@ -497,6 +576,7 @@ def create_sweep(space: SearchSpace, study_name: str | None = None, storage: str
         raise SweepError(f"study {study_name!r} in {describe_storage(storage)} {study.direction.name.lower()}s, but "
                          f"monitor {space.monitor!r} needs {space.direction}; use another study name")
     _check_space_matches(study, space)
+    reconcile_records(study)
     return Sweep(study, space, storage, Path(sweeps_dir))
 
 
@@ -504,6 +584,8 @@ def attach(study_name: str, storage: str | None = None, sweeps_dir: str | Path =
            heartbeat_interval: int | None = 60, grace_period: int | None = None, max_retry: int = 1) -> Sweep:
     """Open an existing study with the search space stored on it (no search file needed)."""
     optuna = _optuna()
+    check_study_name(study_name)
+    check_sweep_options(heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_retry=max_retry)
     storage = storage or default_storage(study_name, sweeps_dir)
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
         raise SweepError(f"no study {study_name!r}: {storage.removeprefix('sqlite:///')} does not exist "
@@ -519,6 +601,7 @@ def attach(study_name: str, storage: str | None = None, sweeps_dir: str | Path =
     if stored is None:
         raise SweepError(f"study {study_name!r} was not made by tdro sweep (it has no stored search space)")
     space = SearchSpace.from_dict({k: v for k, v in stored.items()}, source=f"study {study_name!r}")
+    reconcile_records(study)
     return Sweep(study, space, storage, Path(sweeps_dir))
 
 
@@ -531,8 +614,12 @@ def run_sweep(space: SearchSpace | str | Path, trials: int, study_name: str | No
     """Validate the space, create or join the study, and run ``trials`` trials in this process.
 
     Several processes (or machines, with a shared ``storage``) calling this with the same study name
-    and search space work on one study; ``trials`` counts this worker's trials.
+    and search space work on one study; ``trials`` counts this worker's trials. Every option is checked
+    before the study or any folder is made.
     """
+    check_sweep_options(trials, timeout, max_trials, seed, heartbeat_interval, grace_period, max_retry)
+    if study_name is not None:
+        check_study_name(study_name)
     if not isinstance(space, SearchSpace):
         space = SearchSpace.load(space, overrides, smoke)
     elif overrides or smoke:

@@ -171,13 +171,17 @@ class Trainer:
             self.lock.close()
             self.lock = None
 
-    def resume(self) -> None:
-        """Lock the run, continue after the last checkpointed epoch (or from scratch); later records are redone."""
+    def resume(self, state: dict | None = None) -> None:
+        """Lock the run, continue after the last checkpoint (``state``: last.pt, already loaded) or from scratch.
+
+        Records after the checkpointed epoch are dropped and redone.
+        """
         self.lock = lock_run_directory(self.run_dir)
         last = self.checkpoints / "last.pt"
-        if last.exists():
+        if state is None and last.exists():
             state = load_checkpoint(last, self.device)
-            self._check_same_config(state, last)
+        if state is not None:
+            check_same_config(self.config, state, self.run_dir)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
@@ -194,20 +198,6 @@ class Trainer:
             path = self.run_dir / name
             if path.exists():
                 write_jsonl_atomic(path, [r for r in read_jsonl(path) if r["epoch"] < self.epoch])
-
-    def _check_same_config(self, state: dict, path: Path) -> None:
-        """Refuse to resume a checkpoint trained under another config (an edited or cut config.yaml)."""
-        saved = state.get("config_hash")
-        if saved is None or saved == self.config.result_hash():
-            return
-        current = self.config.to_dict()
-        differing = sorted(k for k in set(current) | set(state["config"]) if k not in NON_RESULT_KEYS
-                           and current.get(k, "<absent>") != state["config"].get(k, "<absent>"))
-        changes = ", ".join(f"{k}: {state['config'].get(k, '<absent>')!r} → {current.get(k, '<absent>')!r}"
-                            for k in differing)
-        raise ConfigError(f"{self.run_dir / 'config.yaml'} differs from the config {path} was trained with "
-                          f"({changes or 'hash ' + saved[:12] + ' → ' + self.config.result_hash()[:12]}); "
-                          f"a resumed run must keep its config: restore those keys, or start a new run")
 
     # --- the loop ---
     def fit(self) -> RunResult:
@@ -516,13 +506,34 @@ def train(config: Config, run_dir: Path | None = None, on_epoch: Callable[[dict]
         trainer.close()
 
 
+def check_same_config(config: Config, state: dict, run_dir: Path) -> None:
+    """Refuse to resume a checkpoint trained under another config (an edited or cut config.yaml), naming the keys."""
+    saved = state.get("config_hash")
+    if saved is None or saved == config.result_hash():
+        return
+    current, trained = config.to_dict(), state["config"]
+    differing = sorted(k for k in set(current) | set(trained) if k not in NON_RESULT_KEYS
+                       and current.get(k, "<absent>") != trained.get(k, "<absent>"))
+    changes = ", ".join(f"{k}: {trained.get(k, '<absent>')!r} → {current.get(k, '<absent>')!r}" for k in differing)
+    raise ConfigError(f"{run_dir / 'config.yaml'} differs from the config {run_dir / 'checkpoints' / 'last.pt'} "
+                      f"was trained with ({changes or 'hash ' + saved[:12] + ' → ' + config.result_hash()[:12]}); "
+                      f"a resumed run must keep its config: restore those keys, or start a new run")
+
+
 def resume(run_dir: str | Path, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
-    """Resume a run from its directory (config.yaml and checkpoints/last.pt)."""
+    """Resume a run from its directory (config.yaml and checkpoints/last.pt).
+
+    The config is checked against the checkpoint's before anything is built from it.
+    """
     run_dir = Path(run_dir)
     config = Config.load([run_dir / "config.yaml"])
+    last = run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(last) if last.exists() else None
+    if state is not None:
+        check_same_config(config, state, run_dir)
     trainer = Trainer(config, run_dir, on_epoch)
     try:
-        trainer.resume()
+        trainer.resume(state)
         return trainer.fit()
     finally:
         trainer.close()
