@@ -319,3 +319,26 @@ def test_keys_without_effect_are_printed_once_and_recorded_in_the_summary(tmp_pa
     assert done.stderr.count("groupdro_gamma") == 1
     summary = json.loads((tmp_path / "runs" / "w" / "summary.json").read_text())
     assert any("groupdro_gamma" in warning for warning in summary["config_warnings"])
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again_with_the_same_command(tmp_path):
+    """E.g. an image that decodes wrong in epoch 1: after fixing it, the same `train` must not be blocked."""
+    config = Config(output_dir=str(tmp_path / "runs"), run_name="r", **{**OVERRIDES, "epochs": 1})
+    trainer = Trainer(config)
+    trainer.start()
+
+    def unreadable(module, inputs):
+        raise OSError("cannot read image x.jpg")
+
+    hook = trainer.model.head.register_forward_pre_hook(unreadable)
+    with pytest.raises(OSError, match="x.jpg"):
+        trainer.fit()
+    hook.remove()
+    trainer.close()
+    assert (trainer.run_dir / "config.yaml").exists() and not (trainer.run_dir / "checkpoints").exists()
+    assert train(config).summary["epochs_run"] == 1
+    assert epochs_of(trainer.run_dir / "history.jsonl") == [0]
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(config)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(config.replace(lr=0.5))

@@ -157,13 +157,29 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def start(self) -> None:
-        """Create and lock the run directory for a new run; refuse to overwrite an existing one."""
+        """Create and lock the run directory for a new run; refuse to overwrite an existing one.
+
+        A directory left by the same config failing before its first checkpoint (e.g. an unreadable
+        image in epoch 1) holds nothing a resume would keep, so the run starts there again.
+        """
         self.lock = lock_run_directory(self.run_dir)
         if (self.run_dir / "config.yaml").exists():
-            self.close()
-            raise FileExistsError(f"run directory {self.run_dir} already holds a run; resume it with "
-                                  f"`python -m tdro train --resume {self.run_dir}` or choose another run_name")
+            if not self._failed_before_first_checkpoint():
+                self.close()
+                raise FileExistsError(f"run directory {self.run_dir} already holds a run; resume it with "
+                                      f"`python -m tdro train --resume {self.run_dir}` or choose another run_name")
+            for name in ("history.jsonl", "steps.jsonl"):
+                (self.run_dir / name).unlink(missing_ok=True)
         self.config.save(self.run_dir / "config.yaml")
+
+    def _failed_before_first_checkpoint(self) -> bool:
+        """Whether the run directory holds this config and no checkpoint or summary yet."""
+        if (self.checkpoints / "last.pt").exists() or (self.run_dir / "summary.json").exists():
+            return False
+        try:
+            return Config.load([self.run_dir / "config.yaml"]).result_hash() == self.config.result_hash()
+        except ConfigError:
+            return False
 
     def close(self) -> None:
         """Release the run directory's lock (process death releases it too)."""
