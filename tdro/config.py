@@ -7,17 +7,17 @@ import functools
 import hashlib
 import json
 import math
-import os
 import re
 import sys
 import types
 import typing
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+from tdro.atomic import replace_atomically
 
 
 class ConfigError(ValueError):
@@ -235,7 +235,7 @@ class Config:
             raise ConfigError(f"key 'output_dir' has value {self.output_dir!r}; allowed: a folder path such as outputs/runs "
                               "(an empty path would put runs in the current folder)")
         name = self.run_name
-        if name is not None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0")):
+        if name is not None and not is_folder_name(name):
             raise ConfigError(f"key 'run_name' has value {name!r}; a run_name is one folder name inside output_dir "
                               "(not empty, not '.' or '..', no '/' or '\\'); use output_dir to choose the folder")
 
@@ -379,17 +379,8 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file in the same folder, fsync, rename): a kill leaves the old file or the new one."""
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(temporary, "x", encoding="utf-8") as handle:
-                handle.write(yaml.safe_dump(self.to_dict(), sort_keys=False))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        _fsync_folder(path.parent)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        replace_atomically(path, lambda handle: handle.write(text))
 
     def replace(self, **changes: Any) -> "Config":
         return Config.from_dict({**self.to_dict(), **changes})
@@ -398,17 +389,6 @@ class Config:
         """Hash of every key that changes results, to find a finished run again."""
         relevant = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_KEYS}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable where the OS can open folders (POSIX)."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class _RefusedYaml(yaml.YAMLError):
@@ -467,6 +447,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"parameter file {path} must hold a mapping of key: value, got {type(values).__name__}")
     _check_key_names(values, str(path))
     return values
+
+
+def is_folder_name(name: Any) -> bool:
+    """Whether ``name`` names one folder inside another (run_name, study names): no path out of it."""
+    return isinstance(name, str) and name.strip() not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def _check_key_names(values: Mapping[Any, Any], source: str) -> None:

@@ -12,10 +12,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
 import yaml
+
+from tdro.atomic import replace_atomically
 
 SUMMARY_METRICS = ("acc", "worst_group_acc", "balanced_acc", "loss", "worst_group_loss", "worst_group", "macro_f1")
 
@@ -38,21 +40,15 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
-    """Replace a JSONL file by ``records`` via a temporary file, fsync and os.replace: a kill keeps the old file whole."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        handle.writelines(json.dumps(record) + "\n" for record in records)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    """Replace a JSONL file by ``records`` (``replace_atomically``): a kill keeps the old file whole."""
+    replace_atomically(path, lambda handle: handle.writelines(json.dumps(record) + "\n" for record in records))
 
 
 class RunDirectoryInUseError(OSError):
     """Another process holds the run directory's lock: two writers would interleave its records."""
 
 
-def lock_run_directory(run_dir: str | Path):
+def lock_run_directory(run_dir: str | Path) -> TextIO:
     """Take the exclusive OS lock on ``<run_dir>/.lock`` (released when the handle closes or the process dies).
 
     Returns the open handle; keep it while writing the run. A second writer, in this process or
@@ -79,15 +75,8 @@ def lock_run_directory(run_dir: str | Path):
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary file, fsync, then os.replace: readers see the old or the new file, never half."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        json.dump(obj, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    """Write JSON (``replace_atomically``): readers see the old or the new file, never half."""
+    replace_atomically(path, lambda handle: handle.write(json.dumps(obj, indent=2) + "\n"))
 
 
 # --- reading ---

@@ -212,7 +212,7 @@ def test_save_replaces_the_file_whole_and_leaves_no_temporary_file(tmp_path, mon
     def interrupted(*args):
         raise OSError("disk vanished")
 
-    monkeypatch.setattr(tdro.config.os, "replace", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(OSError, match="disk vanished"):
         Config(lr=3e-3).save(path)
     assert Config.load([path]) == old and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
@@ -224,12 +224,12 @@ import tdro.config
 from tdro.config import Config
 path, moment = sys.argv[1], sys.argv[2]
 Config(lr=2e-3, digits_sizes=[400, 100]).save(path)
-real = getattr(tdro.config.os, moment)
+real = getattr(os, moment)
 def kill(*args):
     if moment == "replace":
         real(*args)  # the rename happened: the new file is whole
     os.kill(os.getpid(), signal.SIGKILL)
-setattr(tdro.config.os, moment, kill)
+setattr(os, moment, kill)
 Config(lr=3e-3, run_name="second", groups=[{"encoder": "cnn"}] * 50).save(path)
 """
 

@@ -90,11 +90,14 @@ class GaussianAnchors(nn.Module):
             return F.softplus(self.raw_scale) + self.eps
         return self.factor().square().sum(-1) + self.eps
 
-    def covariance(self) -> torch.Tensor:
-        """S (C,k,k) = L̃L̃ᵀ + εI or diag(v): the one covariance every loss and sample uses."""
+    def covariance(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """S (C,k,k) = L̃L̃ᵀ + εI or diag(v): the one covariance every loss and sample uses.
+
+        ``dtype`` (e.g. float64) forms the product in that precision, from the parameters' values.
+        """
         if self.diagonal:
-            return torch.diag_embed(self.variance())
-        factor = self.factor()
+            return torch.diag_embed(self.variance().to(dtype))
+        factor = self.factor().to(dtype)
         eye = torch.eye(self.latent_dim, dtype=factor.dtype, device=factor.device)
         return factor @ factor.transpose(-1, -2) + self.eps * eye
 

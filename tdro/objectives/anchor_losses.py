@@ -80,9 +80,7 @@ def w2_margin_separation_loss(anchors: GaussianAnchors, margin: float) -> torch.
             variance = anchors.variance()
             distances = diagonal_bures_wasserstein_sq(means[i], variance[i], means[j], variance[j])
         else:
-            factor = anchors.factor().double()  # S and its Cholesky factor in float64 (gaussian._precise)
-            eye = torch.eye(anchors.latent_dim, dtype=factor.dtype, device=factor.device)
-            covariance = factor @ factor.transpose(-1, -2) + anchors.eps * eye
+            covariance = anchors.covariance(torch.float64)  # S and its Cholesky factor in float64 (gaussian._precise)
             chol = torch.linalg.cholesky(covariance)  # positive definite (+εI with anchor_eps ≥ 1e-10)
             distances = factored_bures_wasserstein_sq(means[i], covariance[i], means[j], covariance[j], chol[j])
     return F.relu(margin - distances).mean()

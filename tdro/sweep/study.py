@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from tdro.config import Config
+from tdro.config import Config, is_folder_name
 from tdro.sweep.space import SearchSpace, SweepError
 
 DEFAULT_SWEEPS_DIR = "outputs/sweeps"
@@ -56,7 +56,7 @@ def _optuna():
 # ============================================================================================ storage
 def check_study_name(name: Any, what: str = "study name") -> str:
     """The study name, refused unless it is one folder name: it names ``<sweeps_dir>/<study>``."""
-    if not isinstance(name, str) or name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0"):
+    if not is_folder_name(name):
         raise SweepError(f"{what} {name!r} must be one folder name (no '/', '\\', '..' or absolute path): the study's "
                          "runs and tables go to <sweeps_dir>/<study>; choose a plain name such as 'groupdro_lr'")
     return name

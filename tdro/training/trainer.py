@@ -188,7 +188,7 @@ class Trainer:
             self.lock = None
 
     def resume(self, state: dict | None = None) -> None:
-        """Lock the run, continue after the last checkpoint (``state``: last.pt, already loaded) or from scratch.
+        """Lock the run, continue after the last checkpoint (``state``: last.pt, loaded and checked) or from scratch.
 
         Records after the checkpointed epoch are dropped and redone.
         """
@@ -196,8 +196,8 @@ class Trainer:
         last = self.checkpoints / "last.pt"
         if state is None and last.exists():
             state = load_checkpoint(last, self.device)
-        if state is not None:
             check_same_config(self.config, state, self.run_dir)
+        if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
@@ -466,7 +466,7 @@ class Trainer:
 
     def _save_checkpoints(self, improved: bool) -> None:
         """best.pt (when improved), then last.pt; weights that are no longer finite are never saved."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        if not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):  # one read-back
             raise NonFiniteLossError(f"the weights are no longer finite after epoch {self.epoch}; not saved, so "
                                      f"{self.checkpoints / 'last.pt'} stays the last good checkpoint (if any); "
                                      f"lower lr or set grad_clip > 0")
