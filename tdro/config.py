@@ -11,32 +11,15 @@ import re
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
 
+from tdro.algorithms import ALGORITHMS, algorithm_key_blocks, algorithm_key_owners
 from tdro.atomic import replace_atomically
-
-
-class ConfigError(ValueError):
-    """A config key, value or file that cannot be used; the message says which and how to fix it."""
-
-
-def key(default: Any, doc: str, *, choices: Iterable[Any] | None = None, low: float | None = None,
-        high: float | None = None, low_open: bool = False, high_open: bool = False,
-        items: tuple[int | None, int | None] | None = None, nested: bool = False) -> Any:
-    """Declare a config key: its default, a one-line meaning, and the allowed values or range.
-
-    ``items`` = (low, high) makes a list key a list of integers in that range (None = unbounded);
-    ``nested`` makes it a list of such lists.
-    """
-    metadata = {"doc": doc, "choices": None if choices is None else tuple(choices), "low": low,
-                "high": high, "low_open": low_open, "high_open": high_open, "items": items, "nested": nested}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=metadata)
-    return field(default=default, metadata=metadata)
+from tdro.keys import ConfigError, key
 
 
 LR_SCHEDULER_ALIASES = {"StepLR": "step", "CosineAnnealingLR": "cosine", "reduce_on_plateau": "plateau",
@@ -70,11 +53,14 @@ LAYOUT_KEYS = {"mnist_size": ("skewed",), "mnist_majority": ("skewed",), "usps_s
 # GroupDRO keys that only shape the group weights q, which the max and logsumexp objectives do not use.
 Q_KEYS = ("groupdro_update_mode", "groupdro_gamma", "groupdro_init", "groupdro_min_group_weight",
           "groupdro_adjustment", "groupdro_warmup_epochs", "groupdro_update_timing")
+# The seed's GroupDRO keys: set while another algorithm runs they only warn (the seed's YAML sets them with
+# GroupDRO off); every other algorithm's key set for an algorithm that does not read it is an error.
+LEGACY_KEY_PREFIX = "groupdro_"
 _WARNED: set[str] = set()
 
 
 @dataclass
-class Config:
+class Config(*algorithm_key_blocks()):
     """Every knob of a tdro run; defaults are the seed's "Current Settings" where it gives them."""
 
     # --- run ---
@@ -167,20 +153,13 @@ class Config:
     lambda_sep: float = key(1e-3, "weight of the anchor separation loss", low=0.0)
     per_group_fit: bool = key(False, "batch moments per (group, class) instead of pooled over groups")
 
-    # --- GroupDRO ---
-    groupdro_enabled: bool = key(False, "reweight per-group losses with GroupDRO (else ERM)")
-    groupdro_eta: float = key(0.01, "GroupDRO step size eta", low=0.0, low_open=True)
-    groupdro_gamma: float = key(0.9, "exp_smooth smoothing: larger = smoother, 0 = plain exp", low=0.0, high=1.0)
-    groupdro_warmup_epochs: int = key(2, "epochs with q held at its initial value (at most epochs)", low=0)
-    groupdro_update_mode: str = key("exp_smooth", "q update rule", choices=("exp", "softmax", "exp_smooth"))
-    groupdro_objective: str = key("weighted", "robust loss", choices=("weighted", "max", "logsumexp"))
-    groupdro_init: str = key("uniform", "initial q", choices=("uniform", "proportional"))
-    groupdro_min_group_weight: float = key(0.0, "exact floor on every group weight", low=0.0, high=1.0)
-    groupdro_adjustment: float = key(0.0, "generalisation adjustment C in l_g + C/sqrt(n_g)", low=0.0)
-    groupdro_cells: str = key("group", "what GroupDRO weights: whole groups, or (group, class) cells as Sagawa et al.'s groups",
-                              choices=("group", "group_class"))
-    groupdro_update_timing: str = key("after_step", "update q after the optimiser step (reference) or before the loss (Sagawa et al.)",
-                                      choices=("after_step", "before_loss"))
+    # --- algorithm (its own keys are declared by the algorithm's module: tdro/algorithms/) ---
+    algorithm: str | None = key(None, "training objective: " + ", ".join(ALGORITHMS.names()) + " (null = groupdro if "
+                                      "groupdro_enabled, else erm)", choices=ALGORITHMS.names())
+    groupdro_enabled: bool | None = key(None, "the seed's switch: true means algorithm groupdro, false any other "
+                                              "(null = follow algorithm)")
+    groupdro_cells: str = key("group", "what a group is for the group-weighting algorithms: whole groups, or "
+                                       "(group, class) cells as Sagawa et al.'s groups", choices=("group", "group_class"))
 
     # --- optimisation ---
     optimizer: str = key("adam", "optimiser", choices=("adam", "adamw", "sgd"))
@@ -220,6 +199,7 @@ class Config:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _check_value(f, getattr(self, f.name)))
         self._resolve_schedule()
+        self._resolve_algorithm()
         self._check_paths()
         self._check_conflicts()
         self._check_epoch_counts()
@@ -228,6 +208,27 @@ class Config:
         self.lr_scheduler = LR_SCHEDULER_ALIASES.get(self.lr_scheduler, self.lr_scheduler)
         if self.lr_scheduler == "none" and self.lr_start is not None and self.lr_end is not None:
             self.lr_scheduler = "linear"
+
+    def _resolve_algorithm(self) -> None:
+        """``groupdro_enabled`` (the seed's switch) and ``algorithm`` agree; then the algorithm checks its keys."""
+        enabled, chosen = self.groupdro_enabled, self.algorithm
+        if enabled is True and chosen not in (None, "groupdro"):
+            raise ConfigError(f"groupdro_enabled is true but algorithm is {chosen!r}; groupdro_enabled: true means "
+                              "algorithm: groupdro: remove one of the two keys")
+        if enabled is False and chosen == "groupdro":
+            raise ConfigError("groupdro_enabled is false but algorithm is 'groupdro'; remove one of the two keys")
+        self.algorithm = chosen or ("groupdro" if enabled else "erm")
+        self.groupdro_enabled = self.algorithm == "groupdro"
+        algorithm = ALGORITHMS.get(self.algorithm)
+        reads = set(algorithm.key_names())
+        defaults = _defaults()
+        foreign = [f"{name!r} (read by {', '.join(owners)})" for name, owners in algorithm_key_owners().items()
+                   if name not in reads and not name.startswith(LEGACY_KEY_PREFIX)
+                   and getattr(self, name) != defaults[name]]
+        if foreign:
+            raise ConfigError(f"algorithm {self.algorithm!r} does not read key(s) {', '.join(foreign)}; remove them "
+                              "or choose the algorithm that reads them")
+        algorithm.check(self)
 
     def _check_paths(self) -> None:
         """output_dir is a folder; run_name is one folder name inside it, never a path out of it."""
@@ -242,7 +243,7 @@ class Config:
     def _check_epoch_counts(self) -> None:
         """Epoch-valued keys that would outlast the run (and so never end) are errors."""
         counts = {"freeze_backbone_epochs": self.freeze_backbone_epochs, "lr_warmup_epochs": self.lr_warmup_epochs}
-        if self.groupdro_enabled:
+        if "groupdro_warmup_epochs" in ALGORITHMS.get(self.algorithm).key_names():
             counts["groupdro_warmup_epochs"] = self.groupdro_warmup_epochs
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, value in counts.items():
@@ -286,16 +287,18 @@ class Config:
     def _inactive_keys(self) -> list[tuple[tuple[str, ...], str]]:
         """(keys, why they have no effect) for every rule that applies to this config."""
         rules: list[tuple[tuple[str, ...], str]] = []
-        groupdro_keys = tuple(k for k in self.keys() if k.startswith("groupdro_") and k != "groupdro_enabled")
-        if not self.groupdro_enabled:
-            rules.append((groupdro_keys, "groupdro_enabled is false"))
-        elif self.groupdro_objective != "weighted":
+        reads = ALGORITHMS.get(self.algorithm).key_names()
+        for name, owners in algorithm_key_owners().items():
+            if name not in reads:
+                rules.append(((name,), f"only algorithm {' or '.join(map(repr, owners))} reads it "
+                                       f"(algorithm is {self.algorithm!r})"))
+        if "groupdro_objective" in reads and self.groupdro_objective != "weighted":
             rules.append((Q_KEYS, f"groupdro_objective {self.groupdro_objective!r} does not use the group weights q "
                                   "(they are only recorded)"))
             if self.groupdro_objective == "max":
                 rules.append((("groupdro_eta",), "groupdro_objective 'max' takes the largest group loss; "
                                                  "eta enters only q and logsumexp"))
-        elif self.groupdro_update_mode != "exp_smooth":
+        elif "groupdro_update_mode" in reads and self.groupdro_update_mode != "exp_smooth":
             rules.append((("groupdro_gamma",), "only groupdro_update_mode 'exp_smooth' reads it "
                                                f"(groupdro_update_mode is {self.groupdro_update_mode!r})"))
         if self.lambda_sep == 0:
@@ -375,7 +378,9 @@ class Config:
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key: Config's own in their order, then the algorithms' keys."""
+        values = dataclasses.asdict(self)
+        return {name: values[name] for name in _key_order()}
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temp file in the same folder, fsync, rename): a kill leaves the old file or the new one."""
@@ -383,7 +388,13 @@ class Config:
         replace_atomically(path, lambda handle: handle.write(text))
 
     def replace(self, **changes: Any) -> "Config":
-        return Config.from_dict({**self.to_dict(), **changes})
+        """A copy with changes; changing ``algorithm`` or ``groupdro_enabled`` alone lets the other follow."""
+        values = self.to_dict()
+        if "algorithm" in changes and "groupdro_enabled" not in changes:
+            values["groupdro_enabled"] = None
+        if "groupdro_enabled" in changes and "algorithm" not in changes:
+            values["algorithm"] = None
+        return Config.from_dict({**values, **changes})
 
     def result_hash(self) -> str:
         """Hash of every key that changes results, to find a finished run again."""
@@ -512,6 +523,13 @@ def _unknown_key_message(name: str, source: str) -> str:
     close = difflib.get_close_matches(name, Config.keys(), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else "; see tdro.config.Config for the valid keys"
     return f"unknown key {name!r} in {source}{hint}"
+
+
+@functools.cache
+def _key_order() -> list[str]:
+    """Config's own keys first (as declared), then each algorithm's."""
+    own = [name for name in Config.__annotations__]
+    return own + [f.name for f in dataclasses.fields(Config) if f.name not in own]
 
 
 @functools.cache

@@ -310,7 +310,7 @@ def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_never_saved(tmp_path):
     assert [r["nonfinite_steps"] for r in history] == [1]
     last = load_checkpoint(trainer.run_dir / "checkpoints" / "last.pt")
     assert all(torch.isfinite(v).all() for v in last["model"].values())
-    assert torch.isfinite(trainer.groupdro.q).all()
+    assert torch.isfinite(trainer.algorithm.q.q).all()
 
 
 def test_keys_without_effect_are_printed_once_and_recorded_in_the_summary(tmp_path):

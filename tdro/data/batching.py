@@ -55,14 +55,16 @@ class GroupStratifiedBatches:
 
     An epoch covers the largest group once: ``ceil(n_largest / quota_largest)`` batches, from a
     fresh permutation (the last batch is topped up from the next permutation, so every batch
-    holds every full quota). Every other group cycles: it reads a continuous stream of
+    holds every full quota). With ``with_index`` each group's entry is ``(x, y, index)``, index = the
+    samples' positions in the group's split (for algorithms that weigh samples). Every other group cycles: it reads a continuous stream of
     permutations that carries over from one epoch to the next, so all its samples are used
     equally often. The order comes from ``generator`` alone (pass a seeded
     ``torch.Generator`` for reproducible epochs); iterating again starts the next epoch.
     """
 
     def __init__(self, dataset: GroupedDataset, split: str = "train", batch_size: int = 64,
-                 mode: str = "proportional", generator: torch.Generator | None = None) -> None:
+                 mode: str = "proportional", generator: torch.Generator | None = None,
+                 with_index: bool = False) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
         self.dataset = dataset
@@ -70,6 +72,7 @@ class GroupStratifiedBatches:
         self.batch_size = int(batch_size)
         self.mode = mode
         self.generator = generator
+        self.with_index = with_index
         self.splits = {name: group.split(split) for name, group in dataset.groups.items()}
         empty = [name for name, s in self.splits.items() if len(s) == 0]
         if empty:
@@ -113,6 +116,8 @@ class GroupStratifiedBatches:
             for name, split in self.splits.items():
                 x_order, y_order = orders[name]
                 batch[name] = (split.x[x_order[b]], split.y[y_order[b]])
+                if self.with_index:
+                    batch[name] += (y_order[b],)
             yield batch
 
 

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tdro.algorithms import ALGORITHMS, Algorithm, BatchLosses, Grouper
+from tdro.algorithms.stages import finished_stage_runs
 from tdro.config import NON_RESULT_KEYS, Config, ConfigError
-from tdro.data import GroupStratifiedBatches, build_dataset
+from tdro.data import GroupedDataset, GroupStratifiedBatches, build_dataset
 from tdro.data.base import batch_to_device
-from tdro.models.multigroup import build_model
+from tdro.models.multigroup import MultiGroupModel, build_model
 from tdro.objectives.anchor_losses import AnchorLoss
-from tdro.objectives.groupdro import GroupDRO, group_mean_losses
+from tdro.objectives.groupdro import group_mean_losses
 from tdro.runs import append_jsonl, lock_run_directory, read_jsonl, write_json_atomic, write_jsonl_atomic
 from tdro.training.checkpoint import capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
 from tdro.training.evaluation import collect_latents, evaluate
@@ -43,6 +45,34 @@ NUMERICAL_ERRORS = (torch.linalg.LinAlgError, ArithmeticError)
 class RunResult:
     run_dir: Path
     summary: dict
+
+
+@dataclass
+class RunParts:
+    """What a run trains: built from a Config by ``build_parts``, or handed to the Trainer (e.g. by a test)."""
+
+    dataset: GroupedDataset
+    grouper: Grouper
+    model: MultiGroupModel
+    algorithm: Algorithm
+    optimizer: torch.optim.Optimizer
+
+
+def build_parts(config: Config, device: torch.device, dataset: GroupedDataset | None = None) -> RunParts:
+    """The one place a run's parts are built from its Config (after ``seed_everything``).
+
+    Stage runs of two-stage algorithms are trained (or reused) here, before anything of this run is
+    written, and leave the global random state as they found it.
+    """
+    dataset = dataset if dataset is not None else build_dataset(config)
+    grouper = Grouper(dataset, config.groupdro_cells)
+    algorithm = ALGORITHMS.get(config.algorithm)(config, grouper)
+    algorithm.check_dataset(dataset)
+    stage_runs = finished_stage_runs(config)
+    model = build_model(config, dataset).to(device)
+    dataset = algorithm.prepare(stage_runs, dataset, model, device)
+    optimizer = create_optimizer(config, model.parameter_groups())
+    return RunParts(dataset, grouper, model, algorithm, optimizer)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,34 +122,27 @@ def monitor_parts(monitor: str) -> tuple[str, str, bool]:
 
 
 class Trainer:
-    """Owns one run: builds everything from the Config, trains, evaluates, records, resumes."""
+    """Owns one run: trains its parts (built from the Config unless given), evaluates, records, resumes."""
 
     def __init__(self, config: Config, run_dir: Path | None = None,
-                 on_epoch: Callable[[dict], None] | None = None) -> None:
+                 on_epoch: Callable[[dict], None] | None = None, parts: RunParts | None = None) -> None:
         self.config = config
         self.on_epoch = on_epoch
         self.device = resolve_device(config.device)
         if config.bf16 and self.device.type != "cuda":
             raise ConfigError(f"key 'bf16' is true but the device is {self.device}; bf16 autocast runs on CUDA only")
         seed_everything(config.seed, config.deterministic)
-        self.dataset = build_dataset(config)
+        parts = parts if parts is not None else build_parts(config, self.device)
+        self.dataset, self.grouper, self.model = parts.dataset, parts.grouper, parts.model
+        self.algorithm, self.optimizer = parts.algorithm, parts.optimizer
         self.group_names = list(self.dataset.groups)
-        self.model = build_model(config, self.dataset).to(self.device)
-        self.optimizer = create_optimizer(config, self.model.parameter_groups())
         self.schedule = EpochSchedule(config)
         self.anchor_loss = AnchorLoss(config.lambda_fit, config.lambda_sep, config.sep_method,
                                       config.sep_samples_per_class, config.sep_margin, config.per_group_fit)
-        self.num_classes = len(self.dataset.class_names)
-        self.dro_cell_names, cell_sizes = self._dro_cells()
-        self.groupdro = GroupDRO(
-            len(self.dro_cell_names), eta=config.groupdro_eta, update_mode=config.groupdro_update_mode,
-            objective=config.groupdro_objective, gamma=config.groupdro_gamma, init=config.groupdro_init,
-            group_sizes=cell_sizes, min_group_weight=config.groupdro_min_group_weight,
-            adjustment=config.groupdro_adjustment, warmup_epochs=config.groupdro_warmup_epochs,
-        ) if config.groupdro_enabled else None
         self.data_generator = torch.Generator().manual_seed(config.seed)
-        self.batches = GroupStratifiedBatches(self.dataset, "train", config.batch_size, config.batching,
-                                              self.data_generator)
+        self.batches = GroupStratifiedBatches(self.dataset, "train", config.batch_size,
+                                              self.algorithm.batching or config.batching, self.data_generator,
+                                              with_index=True)
         self.selection_split, self.monitor_metric, self.higher_is_better = monitor_parts(config.monitor)
         self.run_dir = run_dir or new_run_dir(config)
         self.checkpoints = self.run_dir / "checkpoints"
@@ -136,18 +159,6 @@ class Trainer:
         self.tensorboard = self._open_tensorboard() if config.tensorboard else None
 
     # --- set-up and resume ---
-    def _dro_cells(self) -> tuple[list[str], list[int]]:
-        """Names and training sizes of what GroupDRO weights: groups, or 'group/class' cells (size ≥ 1)."""
-        train_labels = {name: group.train.y for name, group in self.dataset.groups.items()}
-        if self.config.groupdro_cells == "group":
-            return self.group_names, [len(y) for y in train_labels.values()]
-        names, sizes = [], []
-        for name, labels in train_labels.items():
-            counts = torch.bincount(labels, minlength=self.num_classes).clamp(min=1).tolist()
-            names += [f"{name}/{cls}" for cls in self.dataset.class_names]
-            sizes += counts
-        return names, sizes
-
     def _open_tensorboard(self):
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -201,8 +212,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
-            if self.groupdro is not None:
-                self.groupdro.load_state_dict(state["groupdro"])
+            self.algorithm.load_state_dict(state["algorithm"])
             restore_rng_states(state["rng"], self.data_generator)
             self.batches.load_state_dict(state["batches"])
             self.epoch = state["epoch"] + 1
@@ -260,6 +270,9 @@ class Trainer:
         return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
 
     def _set_backbone_frozen(self) -> None:
+        """Hold pretrained backbones during the first freeze_backbone_epochs (other freezing is the algorithm's)."""
+        if not self.config.freeze_backbone_epochs:
+            return
         frozen = self.epoch < self.config.freeze_backbone_epochs
         for parameter in self.model.parameter_groups()["backbone"]:
             parameter.requires_grad_(not frozen)
@@ -313,67 +326,61 @@ class Trainer:
         """One optimisation step; returns detached loss parts, or None for a non-finite step (nothing applied).
 
         A step is non-finite when its loss or gradient norm is not finite, or when its numbers broke
-        down (``NUMERICAL_ERRORS``); GroupDRO's weights are then restored too.
+        down (``NUMERICAL_ERRORS``); the algorithm's state (e.g. GroupDRO's q) is then restored too.
         """
-        config = self.config
-        dro_state = None if self.groupdro is None else self.groupdro.state_dict()
+        algorithm_state = self.algorithm.state_dict()
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            parts, loss, cells = self._losses(batch)
+            parts, loss, losses = self._losses(batch)
             if not torch.isfinite(loss):
-                return self._skip_step("the loss is not finite", parts, dro_state)
+                return self._skip_step("the loss is not finite", parts, algorithm_state)
             loss.backward()
         except NUMERICAL_ERRORS as error:
-            return self._skip_step(f"{type(error).__name__.lstrip('_')}: {str(error).splitlines()[0]}", {}, dro_state)
+            reason = f"{type(error).__name__.lstrip('_')}: {str(error).splitlines()[0]}"
+            return self._skip_step(reason, {}, algorithm_state)
         parameters = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
         if not torch.isfinite(grad_norm):
-            return self._skip_step("the gradient is not finite", parts, dro_state)
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(parameters, config.grad_clip, grad_norm)
+            return self._skip_step("the gradient is not finite", parts, algorithm_state)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(parameters, self.config.grad_clip, grad_norm)
         self.optimizer.step()
         self.nonfinite_in_a_row = 0
-        if self.groupdro is not None and config.groupdro_update_timing == "after_step":
-            self.groupdro.update(*cells, self.epoch)
+        self.algorithm.after_step(losses)
         self.step += 1
         return parts
 
-    def _losses(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, torch.Tensor, tuple]:
-        """Forward pass: the detached parts to record, the loss to minimise, and GroupDRO's (cell losses, present)."""
-        config = self.config
-        inputs = {name: batch_to_device(x, self.device) for name, (x, _) in batch.items()}
-        labels = torch.cat([y for _, y in batch.values()]).to(self.device, non_blocking=True)
+    def _losses(self, batch: dict[str, tuple[torch.Tensor, ...]]) -> tuple[dict, torch.Tensor, BatchLosses]:
+        """Forward pass → per-sample losses → the algorithm's loss + the anchor regulariser.
+
+        Returns the detached parts to record, the loss to minimise, and what the algorithm saw.
+        """
+        inputs = {name: batch_to_device(x, self.device) for name, (x, *_) in batch.items()}
+        labels = torch.cat([y for _, y, _ in batch.values()]).to(self.device, non_blocking=True)
+        index = torch.cat([i for _, _, i in batch.values()]).to(self.device, non_blocking=True)
         group_ids = torch.cat([torch.full((len(y),), self.group_names.index(name), dtype=torch.long)
-                               for name, (_, y) in batch.items()]).to(self.device, non_blocking=True)
+                               for name, (_, y, _) in batch.items()]).to(self.device, non_blocking=True)
         with self.autocast:
             latents = torch.cat(list(self.model.encode(inputs).values()))
             logits = self.model.head(latents)
         latents, logits = latents.float(), logits.float()
         per_sample = F.cross_entropy(logits, labels, reduction="none")
         group_losses, present = group_mean_losses(per_sample, group_ids, len(self.group_names))
-        cells = ()
-        if self.groupdro is None:
-            cls_loss = per_sample.mean()
-        else:
-            cell_ids = group_ids * self.num_classes + labels if config.groupdro_cells == "group_class" else group_ids
-            cell_losses, cell_present = group_mean_losses(per_sample, cell_ids, len(self.dro_cell_names))
-            cells = (cell_losses.detach(), cell_present)
-            if config.groupdro_update_timing == "before_loss":
-                self.groupdro.update(*cells, self.epoch)
-            cls_loss = self.groupdro.loss(cell_losses, cell_present)
+        losses = BatchLosses(per_sample, logits, latents, labels, group_ids, self.grouper.unit_ids(group_ids, labels),
+                             self.grouper.sample_ids(group_ids, index), self.epoch)
+        cls_loss = self.algorithm.loss(losses)
         anchor_parts = self.anchor_loss(latents, labels, group_ids, self.model.anchors, self.model.head)
         loss = cls_loss + anchor_parts["total"]
         zero = loss.new_zeros(())
         parts = {"loss": loss.detach(), "cls": cls_loss.detach(), "fit": anchor_parts.get("fit", zero).detach(),
                  "sep": anchor_parts.get("sep", zero).detach(), "group_losses": group_losses.detach(),
                  "present": present, "samples": len(labels), "correct": (logits.argmax(1) == labels).sum().float()}
-        return parts, loss, cells
+        return parts, loss, losses
 
-    def _skip_step(self, reason: str, parts: dict, dro_state: dict | None) -> None:
-        """Apply nothing, restore GroupDRO's weights, count the step; too many in a row stop the run."""
+    def _skip_step(self, reason: str, parts: dict, algorithm_state: dict) -> None:
+        """Apply nothing, restore the algorithm's state, count the step; too many in a row stop the run."""
         self.optimizer.zero_grad(set_to_none=True)
-        if dro_state is not None:
-            self.groupdro.load_state_dict(dro_state)
+        self.algorithm.load_state_dict(algorithm_state)
         self.nonfinite_in_a_row += 1
         if self.nonfinite_in_a_row < self.config.max_nonfinite_steps:
             return None
@@ -391,9 +398,7 @@ class Trainer:
 
     # --- records ---
     def _q_dict(self) -> dict[str, float] | None:
-        if self.groupdro is None:
-            return None
-        return {name: value for name, value in zip(self.dro_cell_names, self.groupdro.q.tolist())}
+        return self.algorithm.weights()
 
     def _q_text(self) -> str:
         q = self._q_dict()
@@ -451,7 +456,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "groupdro": None if self.groupdro is None else self.groupdro.state_dict(),
+            "algorithm": self.algorithm.state_dict(),
             "rng": capture_rng_states(self.data_generator),
             "batches": self.batches.state_dict(),
             "epoch": self.epoch,
@@ -500,6 +505,8 @@ class Trainer:
             "group_sizes": {name: {split: len(getattr(group, split).y) for split in ("train", "val", "test")}
                             for name, group in self.dataset.groups.items()},
             "final_q": self._q_dict(),
+            "algorithm": self.config.algorithm,
+            "algorithm_records": self.algorithm.summary(),
             "device": str(self.device),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "numpy": np.__version__, "tdro": sys.modules["tdro"].__version__},
