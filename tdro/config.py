@@ -87,6 +87,7 @@ class Config(*algorithm_key_blocks()):
     batching: str = key("proportional", "per-batch group quotas", choices=("proportional", "balanced"))
     majority_frac: float = key(0.8, "fraction of a skewed group's training samples from its majority classes", low=0.0, high=1.0)
     group_max_train_samples: list | dict | None = key(None, "per-group cap on training samples (list by position or mapping by name; null = no cap)")
+    only_groups: list | None = key(None, "train and evaluate only these groups (by name); null = all; stage runs of regret_dro use it")
     # digits (scikit-learn 8x8 digits; one group per view)
     digits_groups: list = key(["image", "coarse"], "one group per view: image (8x8, cnn), coarse (4x4 pooled, 16-d), masked (checkerboard, 32-d), flat (64-d)")
     digits_sizes: list = key([600, 150], "training samples per digits group", items=(1, None))
@@ -146,6 +147,9 @@ class Config(*algorithm_key_blocks()):
     # --- anchors ---
     anchor_eps: float = key(1e-4, "ridge epsilon in S = L L^T + eps I; >= 1e-10 so S's float64 Cholesky factor exists at the norm clip", low=1e-10)
     anchor_covariance: str = key("full", "anchor covariance", choices=("full", "diagonal"))
+    anchor_targets: str = key("learned", "learned anchors, or random_fixed: random means and covariances drawn once "
+                                         "from the run's seed and never trained (a fixed-target control)",
+                              choices=("learned", "random_fixed"))
     sep_samples_per_class: int = key(16, "J: samples per anchor for the classifier separation loss", low=1)
     sep_method: str = key("classifier", "separation loss", choices=("classifier", "w2_margin"))
     sep_margin: float = key(2.0, "hinge margin on squared W2 for w2_margin", low=0.0)
@@ -309,6 +313,11 @@ class Config(*algorithm_key_blocks()):
             rules.append((("sep_samples_per_class",), "only sep_method 'classifier' reads it (sep_method is 'w2_margin')"))
         if self.lambda_fit == 0:
             rules.append((("per_group_fit",), "lambda_fit is 0 (no fit loss)"))
+        if self.lambda_fit == 0 and self.lambda_sep == 0:
+            rules.append((("anchor_targets",), "lambda_fit and lambda_sep are 0 (no anchor loss)"))
+        elif self.anchor_targets == "random_fixed" and self.lambda_sep > 0 and self.sep_method == "w2_margin":
+            rules.append((("lambda_sep", "sep_margin"), "sep_method 'w2_margin' moves only the anchors, which "
+                                                        "anchor_targets 'random_fixed' holds fixed"))
         if self.head_hidden == 0:
             rules.append((("head_dropout",), "head_hidden is 0 (a linear head has no dropout)"))
         if self.optimizer != "sgd":

@@ -372,7 +372,8 @@ def _summary_row(run_dir: Path) -> dict:
     row.update(worst_group=test["worst_group"], selected_epoch=summary["selected_epoch"],
                epochs_run=summary["epochs_run"], checkpoint=summary.get("selected_checkpoint", "best.pt"),
                monitor=summary["monitor"], selection_split=summary["selection_split"],
-               wall_seconds=summary["wall_seconds"], parameter_count=summary["parameter_count"],
+               wall_seconds=summary["wall_seconds"] + sum(s["wall_seconds"] for s in summary.get("stage_runs", {}).values()),
+               parameter_count=summary["parameter_count"],
                train_sizes=json.dumps({g: s["train"] for g, s in summary["group_sizes"].items()}))
     return row
 

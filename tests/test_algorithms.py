@@ -75,8 +75,9 @@ def test_every_registered_algorithm_key_is_a_config_key_and_the_seed_keys_only_w
         assert issubclass(algorithm, Algorithm)
         assert set(algorithm.key_names()) <= set(Config.keys()), name
     warnings = Config(groupdro_eta=0.1).inactive_key_warnings()
-    assert warnings == ["key 'groupdro_eta' is set to 0.1 but has no effect: only algorithm 'groupdro' reads it "
-                        "(algorithm is 'erm')"]
+    assert len(warnings) == 1 and warnings[0].startswith("key 'groupdro_eta' is set to 0.1 but has no effect: only "
+                                                         "algorithm 'groupdro'")
+    assert warnings[0].endswith("reads it (algorithm is 'erm')")
     with pytest.raises(ConfigError, match="unknown key 'groupdro_etta' .*did you mean 'groupdro_eta'"):
         Config.from_dict({"groupdro_etta": 0.1})
 

@@ -60,6 +60,7 @@ BASES = {
 CHANGES = [
     ("digits", "data_split_seed", 1), ("digits", "val_frac", 0.2), ("digits", "test_frac", 0.3),
     ("digits", "majority_frac", 0.6), ("digits", "group_max_train_samples", [100, None]),
+    ("digits", "only_groups", ["coarse"]),
     ("digits", "digits_groups", ["image", "flat"]), ("digits", "digits_sizes", [300, 100]),
     ("digits", "digits_majority", [[0, 1, 2, 3, 4], [5, 6, 7, 8]]),
     ("mnist_usps", "mnist_usps_layout", "balanced"), ("mnist_usps", "usps_source", "libsvm"),

@@ -51,7 +51,7 @@ def _dataset(*groups):
 
 
 def _config(groups=None, common_encoder=False, **overrides):
-    values = dict(latent_dim=K, head_hidden=0, head_dropout=0.3, anchor_eps=1e-4, anchor_covariance="full",
+    values = dict(latent_dim=K, head_hidden=0, head_dropout=0.3, anchor_eps=1e-4, anchor_covariance="full", anchor_targets="learned",
                   groups=groups, common_encoder=common_encoder)
     return SimpleNamespace(**{**values, **overrides})
 

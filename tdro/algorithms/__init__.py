@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from tdro.algorithms.base import ALGORITHMS, Algorithm, BatchLosses, Grouper
 from tdro.algorithms import erm, groupdro  # noqa: F401  (registration)
+from tdro.algorithms import chi2_dro, cvar_dro, resample, reweight  # noqa: F401
+from tdro.algorithms import coral, latent_l2, mmd  # noqa: F401
+from tdro.algorithms import dfr, jtt  # noqa: F401
+from tdro.algorithms import regret_dro  # noqa: F401
 
 __all__ = ["ALGORITHMS", "Algorithm", "BatchLosses", "Grouper", "algorithm_key_blocks", "algorithm_key_owners"]
 

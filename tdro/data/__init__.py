@@ -10,7 +10,7 @@ from tdro.data.base import (DataError, DataFileError, Group, GroupedDataset, Inp
                             SPLITS)
 from tdro.data.batching import EvalBatches, GroupStratifiedBatches, group_quotas, train_batches
 from tdro.data.splits import check_caps, resolve_per_group, split_rng, stratified_cap
-from tdro.registry import Registry
+from tdro.registry import Registry, unknown_choice_message
 
 DATASETS: Registry[GroupedDataset] = Registry("dataset")
 
@@ -63,11 +63,28 @@ def cap_train(dataset: GroupedDataset, caps, data_split_seed: int) -> GroupedDat
     return dataset
 
 
+def keep_groups(dataset: GroupedDataset, names: list) -> GroupedDataset:
+    """Apply ``only_groups`` after the build, so per-position keys keep indexing the dataset's own groups."""
+    if not names:
+        raise DataError(f"only_groups is an empty list; name at least one of the dataset's groups "
+                        f"({', '.join(dataset.group_names)}), or null for all")
+    for name in names:
+        if not isinstance(name, str) or name not in dataset.groups:
+            raise DataError("only_groups: " + unknown_choice_message("group", name, dataset.group_names))
+        if names.count(name) > 1:
+            raise DataError(f"only_groups names group {name!r} {names.count(name)} times; name each group once")
+    kept = {name: group for name, group in dataset.groups.items() if name in names}
+    left_out = [name for name in dataset.groups if name not in names]
+    return GroupedDataset(dataset.name, kept, list(dataset.class_names), {**dataset.info, "left_out_groups": left_out})
+
+
 def build_dataset(config) -> GroupedDataset:
     """The dataset ``config.dataset`` names, built from the config's data keys."""
     dataset = DATASETS.get(config.dataset)(config)
     if config.dataset not in CAPPED_INSIDE and config.group_max_train_samples is not None:
         dataset = cap_train(dataset, config.group_max_train_samples, config.data_split_seed)
+    if config.only_groups is not None:
+        dataset = keep_groups(dataset, config.only_groups)
     return dataset
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from tdro.registry import unknown_choice_message
 
 COVARIANCES = ("full", "diagonal")
+TARGETS = ("learned", "random_fixed")
 FACTOR_NORM_RANGE = (1e-3, 10.0)  # Frobenius-norm bounds of L̃_c, as in the reference's normalize_L
 
 
@@ -26,6 +27,11 @@ class GaussianAnchors(nn.Module):
     on top of each other. The covariance starts at init_scale²·I + εI in both modes (full:
     L = init_scale·I; diagonal: softplus(ρ) = init_scale²). The draw uses torch's global RNG,
     which the trainer seeds.
+
+    ``targets="random_fixed"`` (a control) draws the covariance at random too, with the same
+    expectation init_scale²·I: full L = init_scale·A/√k with A standard normal (k×k), so L Lᵀ is
+    a scaled Wishart draw; diagonal variances are init_scale²·χ²_k/k, the law of that draw's
+    diagonal. The tensors are then buffers: kept in the state_dict, never trained.
     """
 
     def __init__(
@@ -36,6 +42,7 @@ class GaussianAnchors(nn.Module):
         covariance: str = "full",
         init_scale: float = 0.05,
         mean_init_std: float = 0.1,
+        targets: str = "learned",
     ) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("latent_dim", latent_dim)):
@@ -43,6 +50,8 @@ class GaussianAnchors(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if covariance not in COVARIANCES:
             raise ValueError(unknown_choice_message("anchor covariance", covariance, list(COVARIANCES)))
+        if targets not in TARGETS:
+            raise ValueError(unknown_choice_message("anchor targets", targets, list(TARGETS)))
         numbers = (("eps", eps, True), ("init_scale", init_scale, True), ("mean_init_std", mean_init_std, False))
         for name, value, positive in numbers:
             number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -52,12 +61,25 @@ class GaussianAnchors(nn.Module):
         self.latent_dim = latent_dim
         self.eps = float(eps)
         self.covariance_type = covariance
-        self.means = nn.Parameter(torch.randn(num_classes, latent_dim) * mean_init_std)
-        if covariance == "full":
-            self.L = nn.Parameter(init_scale * torch.eye(latent_dim).repeat(num_classes, 1, 1))
+        self.targets = targets
+        fixed = targets == "random_fixed"
+        tensors = {"means": torch.randn(num_classes, latent_dim) * mean_init_std}
+        if covariance == "full" and fixed:
+            tensors["L"] = torch.randn(num_classes, latent_dim, latent_dim) * (init_scale / math.sqrt(latent_dim))
+        elif covariance == "full":
+            tensors["L"] = init_scale * torch.eye(latent_dim).repeat(num_classes, 1, 1)
+        elif fixed:
+            half = torch.tensor(latent_dim / 2)
+            variance = init_scale**2 * torch.distributions.Gamma(half, half).sample((num_classes, latent_dim))
+            tensors["raw_scale"] = variance + torch.log(-torch.expm1(-variance))  # softplus⁻¹, stable for small v
         else:
             raw = math.log(math.expm1(init_scale**2))  # softplus⁻¹(init_scale²)
-            self.raw_scale = nn.Parameter(torch.full((num_classes, latent_dim), raw))
+            tensors["raw_scale"] = torch.full((num_classes, latent_dim), raw)
+        for name, tensor in tensors.items():
+            if fixed:
+                self.register_buffer(name, tensor)
+            else:
+                setattr(self, name, nn.Parameter(tensor))
 
     @property
     def diagonal(self) -> bool:

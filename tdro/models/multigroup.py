@@ -153,5 +153,6 @@ def build_model(config: Any, dataset: Any) -> MultiGroupModel:
         }
     num_classes = len(dataset.class_names)
     head = create_head(config.latent_dim, num_classes, config.head_hidden, config.head_dropout)
-    anchors = GaussianAnchors(num_classes, config.latent_dim, config.anchor_eps, config.anchor_covariance)
+    anchors = GaussianAnchors(num_classes, config.latent_dim, config.anchor_eps, config.anchor_covariance,
+                              targets=config.anchor_targets)
     return MultiGroupModel(encoders, head, anchors)

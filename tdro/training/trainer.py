@@ -8,7 +8,7 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -26,7 +26,8 @@ from tdro.data.base import batch_to_device
 from tdro.models.multigroup import MultiGroupModel, build_model
 from tdro.objectives.anchor_losses import AnchorLoss
 from tdro.objectives.groupdro import group_mean_losses
-from tdro.runs import append_jsonl, lock_run_directory, read_jsonl, write_json_atomic, write_jsonl_atomic
+from tdro.runs import (append_jsonl, lock_run_directory, read_jsonl, read_summary, write_json_atomic,
+                       write_jsonl_atomic)
 from tdro.training.checkpoint import capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
 from tdro.training.evaluation import collect_latents, evaluate
 from tdro.training.optim import create_optimizer
@@ -56,6 +57,7 @@ class RunParts:
     model: MultiGroupModel
     algorithm: Algorithm
     optimizer: torch.optim.Optimizer
+    stage_runs: dict[str, Path] = field(default_factory=dict)
 
 
 def build_parts(config: Config, device: torch.device, dataset: GroupedDataset | None = None) -> RunParts:
@@ -70,9 +72,12 @@ def build_parts(config: Config, device: torch.device, dataset: GroupedDataset | 
     algorithm.check_dataset(dataset)
     stage_runs = finished_stage_runs(config)
     model = build_model(config, dataset).to(device)
-    dataset = algorithm.prepare(stage_runs, dataset, model, device)
+    prepared = algorithm.prepare(stage_runs, dataset, model, device)
+    if prepared is not dataset:  # e.g. DFR trains on part of validation: number its samples afresh
+        dataset = prepared
+        grouper = algorithm.grouper = Grouper(dataset, config.groupdro_cells)
     optimizer = create_optimizer(config, model.parameter_groups())
-    return RunParts(dataset, grouper, model, algorithm, optimizer)
+    return RunParts(dataset, grouper, model, algorithm, optimizer, stage_runs)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,7 +139,7 @@ class Trainer:
         seed_everything(config.seed, config.deterministic)
         parts = parts if parts is not None else build_parts(config, self.device)
         self.dataset, self.grouper, self.model = parts.dataset, parts.grouper, parts.model
-        self.algorithm, self.optimizer = parts.algorithm, parts.optimizer
+        self.algorithm, self.optimizer, self.stage_runs = parts.algorithm, parts.optimizer, parts.stage_runs
         self.group_names = list(self.dataset.groups)
         self.schedule = EpochSchedule(config)
         self.anchor_loss = AnchorLoss(config.lambda_fit, config.lambda_sep, config.sep_method,
@@ -507,6 +512,8 @@ class Trainer:
             "final_q": self._q_dict(),
             "algorithm": self.config.algorithm,
             "algorithm_records": self.algorithm.summary(),
+            "stage_runs": {name: {"run_dir": str(path), "wall_seconds": read_summary(path / "summary.json")["wall_seconds"]}
+                           for name, path in self.stage_runs.items()},
             "device": str(self.device),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "numpy": np.__version__, "tdro": sys.modules["tdro"].__version__},
