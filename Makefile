@@ -1,5 +1,5 @@
 # One entry point: `make run` (notebooks/train.ipynb on the embedded digits default, with its HTML
-# report) and `make test`. Both create the virtual environment on first use, install tdro and register
+# report in the run's directory) and `make test`. Both create the virtual environment on first use, install tdro and register
 # the Jupyter kernel `tdro`; later calls reuse them (idempotent).
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tdro-installed
 KERNEL := $(VENV)/share/jupyter/kernels/tdro/kernel.json
 PAPERMILL := MPLBACKEND=agg $(PY) -m papermill -k tdro
-NBCONVERT := $(PY) -m jupyter nbconvert --to html --log-level ERROR
+# reports: executed notebooks -> HTML that reads with no network and no kernel (tdro/reports.py)
+REPORT := MPLBACKEND=agg $(PY) -m tdro report
 # extra papermill arguments for `make phases`, e.g. PHASE_ARGS="-p smoke True -p seeds 1"
 PHASE_ARGS ?=
 
@@ -30,13 +31,10 @@ test: $(STAMP) $(KERNEL)
 test-fast: $(STAMP)
 	MPLBACKEND=agg $(PY) -m pytest -q -m "not slow"
 
-# train.ipynb on the digits default -> outputs/train.ipynb + outputs/train.html, then the summary
+# train.ipynb on the digits default, executed into the new run's own directory: outputs/runs/<run_id>/
+# report.ipynb, report.html and figures/*.png|pdf; prints the summary and the report's path
 run: $(STAMP) $(KERNEL)
-	mkdir -p outputs
-	$(PAPERMILL) --no-progress-bar notebooks/train.ipynb outputs/train.ipynb -p progress False
-	$(NBCONVERT) outputs/train.ipynb
-	@$(PY) -m tdro show "$$(ls -td outputs/runs/*/ | head -1)"
-	@echo "report: outputs/train.ipynb, outputs/train.html"
+	$(REPORT) --train -p progress False
 
 # the seed's three phases in order, each starting from the previous phase's chosen config
 phases: $(STAMP) $(KERNEL)
@@ -48,12 +46,12 @@ phases: $(STAMP) $(KERNEL)
 		-p start_from outputs/phases/phase2_architecture/chosen.yaml
 	$(MAKE) report
 
-# compare.ipynb over every run under outputs/, then every executed notebook in outputs/ -> HTML
+# compare.ipynb over every run under outputs/, then every executed notebook in outputs/ -> offline HTML
+# (one run's report: .venv/bin/python -m tdro report outputs/runs/<run_id>)
 report: $(STAMP) $(KERNEL)
 	test -d outputs || { echo "nothing to report: run make run (or make phases) first"; exit 1; }
 	$(PAPERMILL) --no-progress-bar notebooks/compare.ipynb outputs/compare.ipynb -p runs_root outputs
-	$(NBCONVERT) outputs/*.ipynb
-	@ls outputs/*.html
+	$(REPORT) outputs/*.ipynb
 
 # Result experiments on real data (params/experiments/*.yaml): runs in outputs/experiments (finished
 # runs reused, interrupted ones resumed), the executed notebook as HTML and a Markdown report in reports/.

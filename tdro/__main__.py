@@ -1,5 +1,6 @@
 """Command line: `python -m tdro train -f params/x.yaml -p key value`, `--resume RUN_DIR`, `show RUN_DIR`,
-`sweep -f params/search/x.yaml --trials N [--storage URL --study NAME]`."""
+`report RUN_DIR|NOTEBOOK ...`, `report --train [-f FILE] [-p key value]`,
+`sweep -f params/search/x.yaml --trials N [--storage URL --study NAME]`, `strip-notebooks [NOTEBOOK ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its directory")
     show = commands.add_parser("show", help="print a run's summary table")
     show.add_argument("run_dir")
+    add_report_parser(commands)
     add_sweep_parser(commands)
+    strip = commands.add_parser("strip-notebooks", help="remove outputs, execution counts and widget state from "
+                                                        "notebooks before committing them")
+    strip.add_argument("notebooks", nargs="*", type=Path, metavar="NOTEBOOK",
+                       help="notebook files (default: notebooks/*.ipynb)")
     return parser
+
+
+def add_report_parser(commands) -> None:
+    report = commands.add_parser(
+        "report", help="write a run's report (RUN_DIR/report.html, offline, no kernel needed) and print its path",
+        description="A run directory: execute notebooks/train.ipynb on it (-p render_run, no training) into "
+                    "RUN_DIR/report.ipynb, export RUN_DIR/report.html and save the figures in RUN_DIR/figures/ "
+                    "(PNG and PDF). An executed notebook (.ipynb): export it to offline HTML beside it. --train: "
+                    "train a new run through the notebook, straight into its run directory's report (make run).")
+    report.add_argument("paths", nargs="*", type=Path, metavar="RUN_DIR|NOTEBOOK")
+    report.add_argument("--train", action="store_true", help="train a new run (with -f/-p) and write its report")
+    report.add_argument("-f", "--parameters_file", action="append", default=[], metavar="FILE",
+                        help="with --train: YAML parameter file; several are merged in order")
+    report.add_argument("-p", "--parameters", action="append", nargs=2, default=[], metavar=("KEY", "VALUE"),
+                        help="with --train: one Config key, parsed as YAML")
+    report.add_argument("--kernel", default="tdro", help="Jupyter kernel that executes the notebook (default tdro)")
 
 
 def add_sweep_parser(commands) -> None:
@@ -164,9 +186,49 @@ def describe(storage: str) -> str:
     return describe_storage(storage)
 
 
+def command_report(args: argparse.Namespace) -> int:
+    from papermill.exceptions import PapermillExecutionError
+
+    from tdro.reports import REPORT_NOTEBOOK, export_html, render_report, train_report
+    from tdro.runs import read_summary
+
+    if args.train == bool(args.paths):
+        raise ValueError("give run directories or executed notebooks to report on, or --train to train a new run")
+    if (args.parameters_file or args.parameters) and not args.train:
+        raise ValueError("-f/-p configure a new run: they need --train (a finished run renders with its own config)")
+    try:
+        if args.train:
+            reports = [train_report(args.parameters_file, dict(args.parameters), args.kernel)]
+        else:
+            reports = [export_html(path) if path.suffix == ".ipynb" else render_report(path, args.kernel)
+                       for path in args.paths]
+    except PapermillExecutionError as err:
+        print(f"error: the notebook stopped in cell {err.exec_count}: {err.ename}: {err.evalue} (traceback in the "
+              f"run directory's {REPORT_NOTEBOOK})", file=sys.stderr)
+        return 2
+    for html in reports:
+        if (html.parent / "summary.json").is_file():
+            print(summary_table(read_summary(html.parent / "summary.json")))
+        print(f"report: {html}")
+    return 0
+
+
+def command_strip_notebooks(args: argparse.Namespace) -> int:
+    from tdro.viz.notebook import strip_notebook
+
+    paths = args.notebooks or sorted(Path("notebooks").glob("*.ipynb"))
+    if not paths:
+        raise FileNotFoundError(f"no notebooks in {Path('notebooks').resolve()}; run it from the project root or "
+                                "name the notebooks")
+    for path in paths:
+        print(f"{'stripped' if strip_notebook(path) else 'clean   '} {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": command_train, "show": command_show, "sweep": command_sweep}[args.command]
+    handler = {"train": command_train, "show": command_show, "report": command_report, "sweep": command_sweep,
+               "strip-notebooks": command_strip_notebooks}[args.command]
     try:
         return handler(args)
     except (ValueError, OSError, ArithmeticError) as err:  # config, files, non-finite losses

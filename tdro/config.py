@@ -397,18 +397,29 @@ class Config(*algorithm_key_blocks()):
         replace_atomically(path, lambda handle: handle.write(text))
 
     def replace(self, **changes: Any) -> "Config":
-        """A copy with changes; changing ``algorithm`` or ``groupdro_enabled`` alone lets the other follow."""
-        values = self.to_dict()
-        if "algorithm" in changes and "groupdro_enabled" not in changes:
-            values["groupdro_enabled"] = None
-        if "groupdro_enabled" in changes and "algorithm" not in changes:
-            values["algorithm"] = None
-        return Config.from_dict({**values, **changes})
+        """A copy with changes (``merge_changes``: a new algorithm or groupdro_enabled alone lets the other follow)."""
+        return Config.from_dict(merge_changes(self.to_dict(), changes))
 
     def result_hash(self) -> str:
         """Hash of every key that changes results, to find a finished run again."""
         relevant = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_KEYS}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def merge_changes(values: Mapping[str, Any], *changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` updated by each mapping of ``changes`` in turn, as studies layer base, setting and arm.
+
+    ``algorithm`` and ``groupdro_enabled`` name the same choice: a layer that sets one of them alone
+    drops the other from what came before (a resolved ``algorithm: erm`` then ``groupdro_enabled: true``
+    means GroupDRO, not a conflict); only one layer setting both so that they disagree is an error.
+    """
+    merged = dict(values)
+    for layer in changes:
+        for name, other in (("algorithm", "groupdro_enabled"), ("groupdro_enabled", "algorithm")):
+            if name in layer and other not in layer:
+                merged.pop(other, None)
+        merged.update(layer)
+    return merged
 
 
 class _RefusedYaml(yaml.YAMLError):

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tdro.config import Config, named_params_file
+from tdro.config import Config, merge_changes, named_params_file
 from tdro.phases import _check_config_keys, die_with_parent, ensure_run, index_runs, paired_difference, seed_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def load_experiment(name_or_path: str | Path) -> ExperimentSpec:
     spec.arm(spec.reference)
     for setting in settings:
         for arm in arms:
-            values = {**base, **setting.changes, **arm.changes}
+            values = merge_changes(base, setting.changes, arm.changes)
             monitor = values.get("monitor", Config().monitor)
             if str(monitor).startswith("test_") or values.get("allow_test_selection"):
                 raise ExperimentError(f"{path}: {setting.name}/{arm.name} selects on the test split "
@@ -251,7 +251,7 @@ def plan_experiment(spec: ExperimentSpec | str | Path, seeds: int | Sequence[int
     runs = []
     for setting in chosen_settings:
         for arm in chosen_arms:
-            values = {**spec.base, **setting.changes, **arm.changes, **(spec.smoke if smoke else {}), **overrides}
+            values = merge_changes(spec.base, setting.changes, arm.changes, spec.smoke if smoke else {}, overrides)
             values = {**values, **RUN_DEFAULTS, "output_dir": str(experiment_dir / "runs")}
             values["data_root"] = resolve_data_root(values.get("data_root"))
             if spec.folds is not None:

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tdro.config import Config, ConfigError, named_params_file, read_yaml_mapping
+from tdro.config import Config, ConfigError, merge_changes, named_params_file, read_yaml_mapping
 
 PHASES_DIR = Path(__file__).resolve().parents[1] / "params" / "phases"
 PHASE_NAMES = ("phase1_quick_wins", "phase2_architecture", "phase3_finetuning")
@@ -247,11 +247,11 @@ def resolve_values(start: Mapping[str, Any], changes: Mapping[str, Any]) -> tupl
     backbone parameters.
     """
     values = dict(start)
-    merged = {**values, **changes}
+    merged = merge_changes(values, changes)
     facts = dataset_facts(Config.from_dict(merged))
     dropped = key_reasons(merged, changes, facts)
     kept = {k: v for k, v in changes.items() if k not in dropped}
-    merged = {**values, **kept}
+    merged = merge_changes(values, kept)
     if "textcaps_num_classes" in kept and kept["textcaps_num_classes"] is not None:
         facts = dataset_facts(Config.from_dict(merged))
         wanted = kept["textcaps_num_classes"]
@@ -259,7 +259,7 @@ def resolve_values(start: Mapping[str, Any], changes: Mapping[str, Any]) -> tupl
             dropped["textcaps_num_classes"] = (f"textcaps_num_classes={wanted}: the {facts.name} train split has only "
                                                f"{len(facts.class_names)} classes")
             kept.pop("textcaps_num_classes")
-            merged = {**values, **kept}
+            merged = merge_changes(values, kept)
     backbone_keys = [k for k in BACKBONE_KEYS if k in kept]
     if backbone_keys:
         config = Config.from_dict(merged)
@@ -271,7 +271,7 @@ def resolve_values(start: Mapping[str, Any], changes: Mapping[str, Any]) -> tupl
                 dropped[key] = (f"{key}={kept[key]}: no encoder has pretrained backbone parameters ({encoders}), "
                                 f"so there is nothing to train at a separate rate")
                 kept.pop(key)
-            merged = {**values, **kept}
+            merged = merge_changes(values, kept)
     return merged, dropped
 
 
@@ -393,7 +393,7 @@ def plan_phase(spec: PhaseSpec | str | Path, dataset: str = "digits", seeds: int
             start.pop(key, None)
     else:
         start = dict(spec.base)
-    requested = {**start, **spec.adds, **dict(overrides or {}), "dataset": dataset}
+    requested = {**merge_changes(start, spec.adds, dict(overrides or {})), "dataset": dataset}
     Config.from_dict(requested)  # a wrong value fails here, before any dataset is built
     # the starting config: keep what applies to this dataset (e.g. no text encoder on digits)
     base_values, dropped = resolve_values({"dataset": dataset}, {k: v for k, v in requested.items() if k != "dataset"})

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tdro.algorithms import ALGORITHMS, Algorithm, Grouper
-from tdro.config import Config, ConfigError
+from tdro.config import Config, ConfigError, merge_changes
 from tdro.data import build_dataset
 from tdro.runs import read_jsonl
 from tdro.training.trainer import Trainer, build_parts, train
@@ -110,3 +110,12 @@ def test_a_trainer_trains_the_parts_it_is_handed(tmp_path):
     finally:
         trainer.close()
     assert summary["groups"] == ["image"]
+
+
+def test_layers_that_set_one_name_of_the_algorithm_let_the_other_follow():
+    resolved = Config().to_dict()  # algorithm: erm, groupdro_enabled: false
+    assert Config.from_dict(merge_changes(resolved, {"groupdro_enabled": True})).algorithm == "groupdro"
+    assert Config.from_dict(merge_changes({"groupdro_enabled": True}, {"algorithm": "jtt"})).algorithm == "jtt"
+    assert merge_changes({"lr": 1.0}, {"lr": 2.0}, {"epochs": 3}) == {"lr": 2.0, "epochs": 3}
+    with pytest.raises(ConfigError, match="groupdro_enabled is true but algorithm is 'jtt'"):
+        Config.from_dict(merge_changes(resolved, {"groupdro_enabled": True, "algorithm": "jtt"}))

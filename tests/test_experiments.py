@@ -36,19 +36,25 @@ def test_experiment_files_match_the_issue():
     assert heart.seeds == list(range(10)) and heart.folds == 5 and heart.reference == "per_group_erm"
     assert [s.name for s in heart.settings] == ["uncapped", "capped"]
     assert heart.setting("capped").changes["group_max_train_samples"] == [None, None, 20, 25]
-    assert len(heart.arms) == 6
+    baselines = {"per_group_reweight": "reweight", "per_group_regret_dro": "regret_dro", "per_group_jtt": "jtt",
+                 "per_group_dfr": "dfr", "per_group_cvar_dro": "cvar_dro", "per_group_chi2_dro": "chi2_dro",
+                 "per_group_coral": "coral"}
+    assert len(heart.arms) == 6 + len(baselines)
+    for arm, algorithm in baselines.items():
+        assert heart.arm(arm).changes["algorithm"] == algorithm and "common_encoder" not in heart.arm(arm).changes
     for arm in ("per_group_anchors_erm", "per_group_anchors_groupdro"):
         assert heart.arm(arm).changes["lambda_fit"] == 0.1 and heart.arm(arm).changes["lambda_sep"] == 0.1
     assert heart.base["lambda_fit"] == 0 and heart.base["lambda_sep"] == 0  # no anchors unless an arm asks
     assert heart.base["val_frac"] == 0.15 and heart.base["feature_mask"] == "hetagg"
-    assert len(plan_experiment(heart).runs) == 2 * 6 * 10 * 5
+    assert len(plan_experiment(heart).runs) == 2 * 13 * 10 * 5
     digits = load_experiment("mnist_usps")
     assert digits.seeds == list(range(5)) and digits.folds is None
-    assert [a.name for a in digits.arms] == ["erm", "groupdro", "anchors_erm", "anchors_groupdro"]
+    assert [a.name for a in digits.arms] == ["erm", "groupdro", "anchors_erm", "anchors_groupdro", "reweight", "regret_dro",
+                                             "jtt", "dfr", "cvar_dro", "chi2_dro", "coral"]
     base = digits.base
     assert (base["mnist_majority"], base["usps_majority"], base["majority_frac"]) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], 0.8)
     assert base["mnist_size"] > base["usps_size"]
-    assert len(plan_experiment(digits).runs) == 20
+    assert len(plan_experiment(digits).runs) == 55
     for spec in (heart, digits):
         assert "VALIDATION" in spec.selection and spec.data
         for run in plan_experiment(spec, smoke=True).runs:
@@ -114,14 +120,23 @@ def test_the_shared_encoder_baseline_sees_the_zero_filled_union_of_the_per_group
     assert shared_model.parameter_count() < build_model(configs["per_group_erm"], per_group).parameter_count()
 
 
+# the six original arms and one two-stage baseline (its stage run is trained, and counted in the cost)
+SMOKE_ARMS = ["shared_erm", "shared_groupdro", "per_group_erm", "per_group_groupdro", "per_group_anchors_erm",
+              "per_group_anchors_groupdro", "per_group_jtt"]
+
+
 @needs_heart
 def test_heart_smoke_experiment_trains_reuses_resumes_and_reports(tmp_path):
-    plan = plan_experiment("heart", smoke=True, output_dir=tmp_path)
-    assert len(plan.runs) == 12 and plan.seeds == [0] and plan.folds == [0]
+    plan = plan_experiment("heart", smoke=True, output_dir=tmp_path, arms=SMOKE_ARMS)
+    assert len(plan.runs) == 14 and plan.seeds == [0] and plan.folds == [0]
     result = run_experiment(plan, log=None)
     assert set(result.runs["status"]) == {"trained"}
     metrics = result.metrics()
-    assert len(metrics) == 12 and set(metrics["selection_split"]) == {"val"}
+    assert len(metrics) == 14 and set(metrics["selection_split"]) == {"val"}
+    jtt = metrics[metrics["arm"] == "per_group_jtt"].iloc[0]
+    jtt_summary = json.loads((Path(jtt["run_dir"]) / "summary.json").read_text())
+    stage = jtt_summary["stage_runs"]["identify"]
+    assert jtt["wall_seconds"] == pytest.approx(jtt_summary["wall_seconds"] + stage["wall_seconds"])
     assert set(metrics["checkpoint"]) == {"best.pt"} and set(metrics["monitor"]) == {"val_worst_group_acc"}
     assert metrics["worst_group_acc"].between(0, 1).all()
     shared = metrics[metrics["arm"] == "shared_erm"]["parameter_count"].iloc[0]
@@ -133,10 +148,10 @@ def test_heart_smoke_experiment_trains_reuses_resumes_and_reports(tmp_path):
     # idempotent: everything reused; an interrupted run (no summary) is resumed
     victim = Path(result.runs["run_dir"].iloc[0])
     (victim / "summary.json").unlink()
-    again = run_experiment(plan_experiment("heart", smoke=True, output_dir=tmp_path), log=None)
-    assert sorted(again.runs["status"]) == ["resumed"] + ["reused"] * 11
+    again = run_experiment(plan_experiment("heart", smoke=True, output_dir=tmp_path, arms=SMOKE_ARMS), log=None)
+    assert sorted(again.runs["status"]) == ["resumed"] + ["reused"] * 13
     tables = [again.summary_table("uncapped"), again.group_table("capped"), again.paired_table("uncapped")]
-    assert all(len(t) == 6 for t in tables)
+    assert all(len(t) == 7 for t in tables)
     assert again.paired_table("capped").loc["per-group + ERM"].iloc[1] == "(reference)"
     q = again.q_table("uncapped")
     assert set(q["arm"]) == {"shared_groupdro", "per_group_groupdro", "per_group_anchors_groupdro"}
@@ -149,7 +164,8 @@ def test_heart_smoke_experiment_trains_reuses_resumes_and_reports(tmp_path):
 
 @needs_digits
 def test_mnist_usps_smoke_experiment_runs_on_the_real_files(tmp_path):
-    plan = plan_experiment("mnist_usps", smoke=True, output_dir=tmp_path)
+    plan = plan_experiment("mnist_usps", smoke=True, output_dir=tmp_path,
+                           arms=["erm", "groupdro", "anchors_erm", "anchors_groupdro"])
     assert len(plan.runs) == 4 and plan.folds == [None]
     result = run_experiment(plan, log=None)
     metrics = result.metrics()

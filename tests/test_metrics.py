@@ -143,7 +143,8 @@ def digits_and_model():
     dataset = build_digits(data_config)
     torch.manual_seed(0)
     model_config = SimpleNamespace(groups=None, common_encoder=False, latent_dim=8, head_hidden=16,
-                                   head_dropout=0.3, anchor_eps=1e-4, anchor_covariance="full")
+                                   head_dropout=0.3, anchor_eps=1e-4, anchor_covariance="full",
+                                   anchor_targets="learned")
     return dataset, build_model(model_config, dataset)
 
 

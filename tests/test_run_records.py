@@ -173,8 +173,14 @@ def test_a_config_yaml_cut_anywhere_never_resumes_as_another_config(finished_run
     run = finished_run
     text = (run / "config.yaml").read_bytes()
     (run / "summary.json").unlink()
+    original = Config.load([run / "config.yaml"])
     for cut in range(0, len(text), max(1, len(text) // 40)):
         (run / "config.yaml").write_bytes(text[:cut])
+        try:
+            if Config.load([run / "config.yaml"]) == original:
+                continue  # only keys at their defaults were cut: the same config, which may resume
+        except ConfigError:
+            pass
         with pytest.raises(ConfigError):
             resume(run)
     (run / "config.yaml").write_bytes(text)

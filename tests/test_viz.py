@@ -221,6 +221,54 @@ def test_metric_curves_and_summary_of_many_runs(tmp_path):
     assert len(viz.plot_weights_by_run([a, b]).axes) == 2
 
 
+# ------------------------------------------------------------------------------------------- colours, files, animation
+OKABE_ITO = {"#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000"}
+
+
+def test_group_colors_are_okabe_ito_in_the_dataset_order():
+    assert set(viz.OKABE_ITO) == OKABE_ITO and len(viz.OKABE_ITO) == 8
+    colors = viz.group_colors(["a", "b", "c"])
+    assert list(colors) == ["a", "b", "c"] and list(colors.values()) == list(viz.OKABE_ITO[:3])
+    assert viz.group_colors(["b", "a"])["b"] == colors["a"]  # keyed by position in the dataset's order
+    many = viz.group_colors([f"g{i}" for i in range(10)])
+    assert many["g8"] == many["g0"] and len(set(many.values())) == 8  # past 8 groups the palette repeats
+
+
+def line_colors(ax) -> dict[str, str]:
+    from matplotlib.colors import to_hex
+
+    return {line.get_label().split(" (")[0]: to_hex(line.get_color()).upper() for line in ax.lines
+            if not line.get_label().startswith("_")}
+
+
+def test_a_group_keeps_its_colour_in_every_figure(tmp_path, run_dir):
+    expected = {g: c.upper() for g, c in viz.group_colors(GROUPS).items()}
+    accuracy = line_colors(viz.plot_group_accuracy(run_dir).axes[0])
+    weights = line_colors(viz.plot_group_weights(run_dir).axes[0])
+    by_run = line_colors(viz.plot_weights_by_run([run_dir]).axes[0])
+    cells = line_colors(viz.plot_group_weights(write_run(tmp_path, "cells", cells=True)).axes[0])
+    for figure in (accuracy, weights, by_run, cells):
+        assert {g: figure[g] for g in GROUPS} == expected
+    assert accuracy["usps"] == expected["usps"]  # the worst group is highlighted by width, not recoloured
+
+
+def test_save_figure_writes_png_and_pdf(tmp_path, run_dir):
+    written = viz.save_figure(viz.plot_losses(run_dir), tmp_path / "figures" / "losses")
+    assert written == [tmp_path / "figures" / "losses.png", tmp_path / "figures" / "losses.pdf"]
+    assert written[0].read_bytes()[:4] == b"\x89PNG" and written[1].read_bytes()[:5] == b"%PDF-"
+    viz.show(viz.plot_learning_rates(run_dir), save_as=tmp_path / "figures" / "lr")
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {"losses.png", "losses.pdf", "lr.png", "lr.pdf"}
+
+
+def test_latent_animation_embeds_every_frame_and_needs_no_network(tmp_path, run_dir):
+    html = viz.latent_animation(run_dir).data
+    assert html.count("data:image/png;base64,") == 3  # one frame per recorded epoch
+    assert "://" not in html and "font-awesome" not in html and 'class="fa ' not in html
+    assert "_anim_img" in html and "<script" in html  # matplotlib's player
+    assert viz.latent_animation(run_dir, max_frames=2).data.count("data:image/png;base64,") == 2
+    assert "no latent snapshots" in viz.latent_animation(write_run(tmp_path, "bare", latents=False)).data
+
+
 # ------------------------------------------------------------------------------------------- widgets
 def test_latent_explorer_steps_through_epochs(run_dir):
     explorer = viz.LatentExplorer(run_dir)
@@ -232,6 +280,18 @@ def test_latent_explorer_steps_through_epochs(run_dir):
     assert explorer.image.value != first
     explorer.play.value = 0
     assert explorer.slider.value == 0
+
+
+def test_views_say_what_they_are_without_a_kernel(monkeypatch, tmp_path, run_dir):
+    import tdro.viz.widgets as widgets_module
+
+    shown = []
+    monkeypatch.setattr(widgets_module, "display", lambda bundle, raw: shown.append(bundle))
+    viz.LatentExplorer(run_dir)._ipython_display_()
+    viz.RunDashboard(tmp_path)._ipython_display_()
+    assert [set(b) for b in shown] == [{"text/plain", "application/vnd.jupyter.widget-view+json"}] * 2
+    assert "LatentExplorer of run run_a" in shown[0]["text/plain"] and "animation above" in shown[0]["text/plain"]
+    assert "RunDashboard" in shown[1]["text/plain"] and "needs a running kernel" in shown[1]["text/plain"]
 
 
 def test_latent_explorer_without_latents(tmp_path):

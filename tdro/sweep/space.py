@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from tdro.config import NON_RESULT_KEYS, Config, ConfigError, named_params_file
+from tdro.config import NON_RESULT_KEYS, Config, ConfigError, merge_changes, named_params_file
 
 SEARCH_DIR = Path(__file__).resolve().parents[2] / "params" / "search"
 FILE_KEYS = ("name", "description", "base", "space", "sampler", "pruner", "smoke")
@@ -201,7 +201,7 @@ class SearchSpace:
         unknown = sorted(set(params) - set(self.dimensions))
         if unknown:
             raise SweepError(f"parameters {unknown} are not in the search space {sorted(self.dimensions)}")
-        return Config.from_dict({**self.base, **params, **changes}, source=f"search space {self.name}")
+        return Config.from_dict(merge_changes(self.base, params, changes), source=f"search space {self.name}")
 
     def suggest(self, trial) -> dict:
         """Every searched key's value for an Optuna trial, in the file's order."""

@@ -38,7 +38,7 @@ import pandas as pd
 import yaml
 
 from tdro.config import Config, is_folder_name
-from tdro.sweep.space import SearchSpace, SweepError
+from tdro.sweep.space import SearchSpace, SweepError, load_search_space
 
 DEFAULT_SWEEPS_DIR = "outputs/sweeps"
 SPACE_ATTR = "tdro_search_space"
@@ -557,7 +557,7 @@ def _check_space_matches(study, space: SearchSpace) -> None:
                         if stored["space"].get(key) != fingerprint["space"].get(key)]
         raise SweepError(f"study {study.study_name!r} was created with another search space (differs in: "
                          f"{', '.join(differences)}); use the same search file and -p values as the other workers, "
-                         "or another study name")
+                         "or another study name (--study NAME; study_name in the sweep notebook)")
 
 
 def create_sweep(space: SearchSpace, study_name: str | None = None, storage: str | None = None,
@@ -603,6 +603,23 @@ def attach(study_name: str, storage: str | None = None, sweeps_dir: str | Path =
     space = SearchSpace.from_dict({k: v for k, v in stored.items()}, source=f"study {study_name!r}")
     reconcile_records(study)
     return Sweep(study, space, storage, Path(sweeps_dir))
+
+
+def open_sweep(search_file: str | Path, study_name: str = "", storage: str = "",
+               sweeps_dir: str | Path = DEFAULT_SWEEPS_DIR, fixed: Mapping[str, Any] | None = None,
+               smoke: bool = False) -> Sweep:
+    """The sweep notebook's study: created or joined from ``search_file`` with the ``fixed`` Config keys, or,
+    with an empty ``search_file``, attached by ``study_name`` (empty strings mean the defaults)."""
+    if search_file:
+        return create_sweep(load_search_space(search_file, fixed, smoke=smoke), study_name or None, storage or None,
+                            sweeps_dir)
+    if fixed or smoke:
+        raise SweepError(f"fixed {dict(fixed or {})!r} and smoke {smoke!r} shape a new study's search space, but "
+                         "search_file is empty (attach to study_name); give search_file too, or drop them")
+    if not study_name:
+        raise SweepError("search_file and study_name are both empty: give a search file (a name in params/search/) "
+                         "or the study_name to attach to")
+    return attach(study_name, storage or None, sweeps_dir)
 
 
 def run_sweep(space: SearchSpace | str | Path, trials: int, study_name: str | None = None,

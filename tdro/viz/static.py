@@ -4,6 +4,11 @@ Every function reads a run's records (``tdro.runs``: ``config.yaml``, ``history.
 ``steps.jsonl``, ``summary.json``, ``latents/epoch_*.npz``), never the model, so a report can be
 re-rendered without retraining. Single-run functions take a run directory or a loaded
 ``tdro.runs.Run``; multi-run functions take a list of them. Figures are returned (not shown).
+
+Groups are coloured by ``group_colors`` (Okabe–Ito, keyed by the dataset's group order), so a group
+keeps its colour in every figure of a run, a study and a report. ``show(fig, save_as=...)`` also
+writes the figure as PNG and PDF; ``latent_animation`` is the latent evolution as a self-contained
+HTML/JS player (no network, no kernel).
 """
 from __future__ import annotations
 
@@ -22,7 +27,11 @@ from tdro.runs import Run, load_run
 
 MARKERS = ("o", "^", "s", "D", "P", "X", "v", "*")
 LOSS_PARTS = ("cls", "fit", "sep")
-WORST_COLOR = "crimson"
+# Okabe & Ito (2008), "Color Universal Design": 8 colours told apart under protanopia, deuteranopia and
+# tritanopia. Yellow and black come last: yellow is faint on white, black is the reference lines' colour.
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000")
+REFERENCE_COLOR = "0.3"  # per-epoch worst group, train accuracy: lines that are no group
+FIGURE_FORMATS = ("png", "pdf")
 METRIC_LABELS = {
     "acc": "accuracy", "worst_group_acc": "worst-group acc", "balanced_acc": "balanced acc", "loss": "loss",
     "worst_group_loss": "worst-group loss", "macro_f1": "macro F1", "worst_group": "worst group",
@@ -47,14 +56,27 @@ def figure_description(fig: Figure) -> str:
     return "; ".join(dict.fromkeys(p for p in parts if p)) or "figure"
 
 
-def show(fig: Figure, dpi: int = 100) -> None:
+def save_figure(fig: Figure, path: str | Path, dpi: int = 200) -> list[Path]:
+    """Write a figure as ``<path>.png`` and ``<path>.pdf`` (for papers), creating the folder; the figure stays open."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = [path.with_name(f"{path.name}.{fmt}") for fmt in FIGURE_FORMATS]
+    for target in written:
+        fig.savefig(target, dpi=dpi, bbox_inches="tight")
+    return written
+
+
+def show(fig: Figure, dpi: int = 100, save_as: str | Path | None = None) -> None:
     """Display a figure as a PNG image (with its titles as alt text) and close it.
 
     Works with any matplotlib backend (``MPLBACKEND=agg`` under papermill included), so executed
-    notebooks and their HTML exports always carry the picture.
+    notebooks and their HTML exports always carry the picture. ``save_as`` (a path without suffix,
+    e.g. ``run.path / "figures" / "losses"``) also writes it as PNG and PDF (``save_figure``).
     """
     from IPython.display import Image, display
 
+    if save_as is not None:
+        save_figure(fig, save_as)
     alt = figure_description(fig)
     display(Image(data=figure_png(fig, dpi), format="png", alt=alt))
 
@@ -78,6 +100,19 @@ def phase_metadata(run_dir: str | Path) -> dict:
 
     path = Path(run_dir) / "phase.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def group_colors(group_names: Sequence[str]) -> dict[str, str]:
+    """{group: colour}: the i-th group of the dataset's order gets the i-th Okabe–Ito colour, in every figure.
+
+    Past 8 groups the colours repeat (markers and labels still tell the groups apart)."""
+    return {name: OKABE_ITO[i % len(OKABE_ITO)] for i, name in enumerate(dict.fromkeys(group_names))}
+
+
+def run_group_colors(run: Run, seen: Iterable[str] = ()) -> dict[str, str]:
+    """Group colours of a run, keyed by its dataset's group order (``summary.json``'s ``groups``; an
+    unfinished run's records list the groups in that order too), then any other names in ``seen``."""
+    return group_colors([*run.summary.get("groups", []), *seen])
 
 
 def _group_columns(table: pd.DataFrame, prefix: str) -> dict[str, str]:
@@ -148,17 +183,18 @@ def plot_group_accuracy(run: str | Path | Run, split: str = "val") -> Figure:
     history = _check_history(run)
     epochs = _epochs(history)
     groups = _group_columns(history, f"{split}.group_acc.")
+    colors = run_group_colors(run, groups)
     worst = _highlighted_group(run, split)
     fig, ax = plt.subplots(figsize=(7.5, 3.8), constrained_layout=True)
     for group, column in groups.items():
-        is_worst = group == worst
-        ax.plot(epochs, history[column], marker="o", lw=3 if is_worst else 1.4,
-                color=WORST_COLOR if is_worst else None, zorder=3 if is_worst else 2,
-                label=f"{group} (worst)" if is_worst else group)
+        is_worst = group == worst  # highlighted by width and label; the group keeps its colour
+        ax.plot(epochs, history[column], marker="o", lw=3 if is_worst else 1.4, color=colors[group],
+                zorder=3 if is_worst else 2, label=f"{group} (worst)" if is_worst else group)
     if f"{split}.worst_group_acc" in history:
-        ax.plot(epochs, history[f"{split}.worst_group_acc"], ls="--", color="black", lw=1, label="worst group (per epoch)")
+        ax.plot(epochs, history[f"{split}.worst_group_acc"], ls="--", color=REFERENCE_COLOR, lw=1,
+                label="worst group (per epoch)")
     if "train.acc" in history:
-        ax.plot(epochs, history["train.acc"], ls=":", color="0.4", label="train acc (all groups)")
+        ax.plot(epochs, history["train.acc"], ls=":", color=REFERENCE_COLOR, label="train acc (all groups)")
     selected = run.summary.get("selected_epoch")
     if selected is not None:
         ax.axvline(selected + 1, color="0.6", lw=0.8)
@@ -201,8 +237,9 @@ def plot_group_weights(run: str | Path | Run, ax=None) -> Figure:
         by_group: dict[str, list[str]] = {}
         for key, column in columns.items():
             by_group.setdefault(key.split("/")[0], []).append(column)
-        for i, (group, group_columns) in enumerate(by_group.items()):
-            color = f"C{i % 10}"
+        colors = run_group_colors(run, by_group)
+        for group, group_columns in by_group.items():
+            color = colors[group]
             if cells:
                 for column in group_columns:
                     ax.plot(x, table[column], lw=0.7, alpha=0.45, color=color)
@@ -211,9 +248,9 @@ def plot_group_weights(run: str | Path | Run, ax=None) -> Figure:
                 ax.plot(x, table[group_columns[0]], lw=1.8, color=color, label=group)
         if steps and epochs and not cells:
             last_step = run.steps.groupby("epoch")["step"].max()
-            for i, (group, column) in enumerate(epochs.items()):
+            for group, column in epochs.items():
                 ax.plot(run.history["epoch"].map(last_step), run.history[column], ls="none", marker="o",
-                        color=f"C{i % 10}", ms=4)
+                        color=colors[group], ms=4)
         warmup = run.config.get("groupdro_warmup_epochs") or 0
         if warmup and steps and "epoch" in run.steps:
             warm = run.steps.loc[run.steps["epoch"] < warmup, "step"]
@@ -363,6 +400,62 @@ def plot_latent_epochs(run: str | Path | Run, epochs: Sequence[int] | None = Non
     for ax, epoch in zip(axes[0], epochs):
         plot_latents(load_latents(run, epoch), ax=ax, legend=False, title=f"epoch {epoch + 1}")
     return fig
+
+
+# matplotlib's JS animation draws its buttons with Font Awesome from a CDN: text glyphs read offline
+ANIMATION_STYLESHEET = ('<link rel="stylesheet"\n'
+                        'href="https://maxcdn.bootstrapcdn.com/font-awesome/4.4.0/css/font-awesome.min.css">')
+ANIMATION_ICONS = {"fa-minus": "&minus;", "fa-fast-backward": "&#x23EE;", "fa-step-backward": "&#x23F4;&#x258F;",
+                   "fa-play fa-flip-horizontal": "&#x25C0;", "fa-pause": "&#x23F8;", "fa-play": "&#x25B6;",
+                   "fa-step-forward": "&#x2595;&#x23F5;", "fa-fast-forward": "&#x23ED;", "fa-plus": "+"}
+
+
+def offline_animation_html(html: str) -> str:
+    """matplotlib's ``to_jshtml`` without its one network resource (the icon font): glyphs instead.
+
+    Raises if matplotlib's template changed so that a network address would remain."""
+    html = html.replace(ANIMATION_STYLESHEET, "")
+    for icon, glyph in ANIMATION_ICONS.items():
+        html = html.replace(f'<i class="fa {icon}"></i>', glyph)
+    if "://" in html:  # base64 frames never contain ':' — only an address can
+        raise RuntimeError("matplotlib's animation HTML still loads a network resource; update ANIMATION_ICONS")
+    return html
+
+
+def latent_animation(run: str | Path | Run, max_frames: int = 40, dpi: int = 72, interval_ms: int = 700):
+    """The latent evolution as a self-contained HTML/JS player (frames embedded as PNG): reads offline, no kernel.
+
+    Up to ``max_frames`` evenly spaced epochs, last included, on fixed axes (the view of each epoch is
+    its own principal axes, as in ``plot_latents``). Returns an ``IPython.display.HTML``."""
+    from IPython.display import HTML
+    from matplotlib.animation import FuncAnimation
+
+    run = as_run(run)
+    available = latent_epochs(run)
+    if not available:
+        return HTML(f"<p>run <code>{run.run_id}</code> recorded no latent snapshots "
+                    "(latent_samples_per_group = 0): no animation</p>")
+    idx = np.unique(np.linspace(0, len(available) - 1, min(max_frames, len(available))).round().astype(int))
+    snapshots = [load_latents(run, available[i]) for i in idx]
+    # points, and each anchor's 2σ ellipse by its bounding box (mean ± 2·sqrt of the covariance's diagonal)
+    reach = [2 * np.sqrt(np.clip(np.diagonal(s.covariances, axis1=1, axis2=2), 0.0, None)) for s in snapshots]
+    corners = np.concatenate([np.concatenate([s.points, s.means - r, s.means + r]) for s, r in zip(snapshots, reach)])
+    pad = 0.08 * (corners.max(axis=0) - corners.min(axis=0) + 1e-9)
+    low, high = corners.min(axis=0) - pad, corners.max(axis=0) + pad
+    fig, ax = plt.subplots(figsize=(7.5, 6), constrained_layout=True)
+
+    def draw(snapshot: LatentSnapshot) -> None:
+        ax.clear()
+        plot_latents(snapshot, ax=ax)
+        ax.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]))
+
+    animation = FuncAnimation(fig, draw, frames=snapshots, interval=interval_ms, cache_frame_data=False)
+    try:
+        with plt.rc_context({"savefig.dpi": dpi}):
+            html = animation.to_jshtml(default_mode="once")
+    finally:
+        plt.close(fig)
+    return HTML(offline_animation_html(html))
 
 
 # --------------------------------------------------------------------------------------------- confusion, tables

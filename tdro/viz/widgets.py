@@ -11,6 +11,9 @@ Figures go into ``widgets.Image`` (PNG bytes) and tables into ``widgets.HTML``, 
 messages on the shell channel while it waits for the cell's reply there, which sometimes hangs the
 execution for good (jupyter/nbclient#312). Image and HTML values are plain widget state, saved in
 the executed notebook's metadata.
+
+Without a kernel (JupyterLab on a saved notebook, an HTML export) a widget cannot run: each view's
+plain-text form then says what it is and where its static version is, instead of ``VBox(children=…)``.
 """
 from __future__ import annotations
 
@@ -30,9 +33,10 @@ ALL = "(all)"
 
 class _View:
     widget: widgets.Widget
+    without_kernel: str  # the plain-text form, shown where the widget cannot run
 
     def _ipython_display_(self) -> None:
-        display(self.widget)
+        display({**self.widget._repr_mimebundle_(), "text/plain": self.without_kernel}, raw=True)
 
 
 def _image() -> widgets.Image:
@@ -45,6 +49,8 @@ class LatentExplorer(_View):
     def __init__(self, run: str | Path | Run) -> None:
         self.run = as_run(run)
         self.epochs = latent_epochs(self.run)
+        self.without_kernel = (f"[LatentExplorer of run {self.run.run_id}: an interactive view that needs a running "
+                               "kernel; the latent figures and the animation above show the same epochs]")
         if not self.epochs:
             self.widget = widgets.HTML(f"run <code>{self.run.run_id}</code> recorded no latent snapshots "
                                        "(latent_samples_per_group = 0): nothing to explore")
@@ -78,6 +84,8 @@ class RunDashboard(_View):
                  max_selected: int = 8) -> None:
         self.root = Path(root)
         self.max_selected = max_selected
+        self.without_kernel = (f"[RunDashboard of the runs under {self.root}: an interactive view that needs a running "
+                               "kernel; the figures above are its static version]")
         self.dataset_filter = widgets.Dropdown(description="dataset")
         self.arm_filter = widgets.Dropdown(description="arm")
         self.run_select = widgets.SelectMultiple(description="runs", rows=8, layout=widgets.Layout(width="60%"))
