@@ -1,6 +1,8 @@
 """Command line: `python -m tdro train -f params/x.yaml -p key value`, `--resume RUN_DIR`, `show RUN_DIR`,
 `report RUN_DIR|NOTEBOOK ...`, `report --train [-f FILE] [-p key value]`,
-`sweep -f params/search/x.yaml --trials N [--storage URL --study NAME]`, `strip-notebooks [NOTEBOOK ...]`."""
+`sweep -f params/search/x.yaml --trials N [--storage URL --study NAME]`,
+`study heart|phase1_quick_wins|FILE [--workers N | --scheduler tcp://HOST:8786] [--threads T]`,
+`collect RUNS_DIR [--out DIR]`, `strip-notebooks [NOTEBOOK ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_dir")
     add_report_parser(commands)
     add_sweep_parser(commands)
+    add_study_parsers(commands)
     strip = commands.add_parser("strip-notebooks", help="remove outputs, execution counts and widget state from "
                                                         "notebooks before committing them")
     strip.add_argument("notebooks", nargs="*", type=Path, metavar="NOTEBOOK",
@@ -79,6 +82,93 @@ def add_sweep_parser(commands) -> None:
     sweep.add_argument("--top", type=int, default=10, help="rows of the top-trials table (default 10)")
     sweep.add_argument("--rerun-seeds", type=int, nargs="+", metavar="SEED",
                        help="re-run the best config with these seeds and evaluate each on test once")
+
+
+def add_study_parsers(commands) -> None:
+    study = commands.add_parser(
+        "study", help="run an experiment (params/experiments) or a phase (params/phases): finished runs reused, "
+                      "interrupted ones resumed; here, on N local worker processes or on a Dask cluster",
+        description="Plan every run of the study, train what is missing and print its tables. The same command "
+                    "runs on a laptop (--workers N: a local Dask cluster) and on a cluster (--scheduler: an "
+                    "existing Dask scheduler whose workers share the output folder).")
+    study.add_argument("spec", help="experiment or phase name (params/experiments/<name>.yaml, "
+                                    "params/phases/<name>.yaml) or a YAML file")
+    study.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: this process)")
+    study.add_argument("--threads", type=int, default=1,
+                       help="torch threads per run (default 1; workers x threads must fit the cores)")
+    study.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler, e.g. tcp://head-node:8786")
+    study.add_argument("--seeds", type=int, nargs="+", help="seeds (one number: the first n)")
+    study.add_argument("--folds", type=int, nargs="+", help="experiment folds (one number: the first n)")
+    study.add_argument("--smoke", action="store_true", help="tiny runs (the spec's smoke section)")
+    study.add_argument("--output-dir", help="default outputs/experiments or outputs/phases")
+    study.add_argument("--dataset", default="digits", help="phases only: the dataset (default digits)")
+    study.add_argument("-p", "--parameters", action="append", nargs=2, default=[], metavar=("KEY", "VALUE"),
+                       help="a Config key on top of every run (parsed as YAML), e.g. -p data_root /data")
+    collect = commands.add_parser(
+        "collect", help="tables over any folder of runs: one per metric, grouped by the config keys that differ",
+        description="Mean ± std and a 95%% t interval over seeds and folds, grouped by every config key that "
+                    "differs between the finished runs under RUNS_DIR; printed as Markdown, and with --out written "
+                    "as <metric>.md, .csv and .tex.")
+    collect.add_argument("root", type=Path, metavar="RUNS_DIR")
+    collect.add_argument("--metrics", nargs="+", help="summary columns, e.g. test.worst_group_acc val.acc")
+    collect.add_argument("--out", type=Path, metavar="DIR", help="write the tables here")
+    collect.add_argument("--format", nargs="+", default=["md", "csv", "tex"], choices=("md", "csv", "tex"))
+
+
+def _count_or_list(values: list[int] | None) -> int | list[int] | None:
+    return None if values is None else values[0] if len(values) == 1 else values
+
+
+def command_study(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tdro.config import coerce_overrides
+    from tdro.experiments import EXPERIMENTS_DIR, plan_experiment, run_experiment
+    from tdro.phases import PHASES_DIR, plan_phase, run_phase
+    from tdro.studies.runner import check_workers
+    from tdro.studies.tables import markdown_table
+
+    check_workers(args.workers, args.threads, args.scheduler)
+    overrides = coerce_overrides(dict(args.parameters))
+    name = args.spec
+    is_experiment = (EXPERIMENTS_DIR / f"{name}.yaml").is_file()
+    is_phase = (PHASES_DIR / f"{name}.yaml").is_file()
+    if not (is_experiment or is_phase):
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"study {name!r}: no params/experiments/{name}.yaml, params/phases/{name}.yaml or "
+                             f"file {path}; give an experiment or phase name, or a YAML file")
+        data = yaml.safe_load(path.read_text()) or {}
+        is_experiment = isinstance(data, dict) and "reference" in data
+    if is_experiment:
+        plan = plan_experiment(name, _count_or_list(args.seeds), _count_or_list(args.folds), args.smoke,
+                               args.output_dir or "outputs/experiments", overrides)
+        result = run_experiment(plan, args.workers, args.threads, scheduler=args.scheduler)
+        for setting in plan.spec.settings:
+            print(f"\n## {setting.label}\n")
+            print(markdown_table(result.summary_table(setting.name)))
+    else:
+        if args.folds:
+            raise ValueError("--folds applies to experiments; a phase has seeds only")
+        plan = plan_phase(name, args.dataset, _count_or_list(args.seeds) or 3, smoke=args.smoke,
+                          output_dir=args.output_dir or "outputs/phases", overrides=overrides)
+        result = run_phase(plan, workers=args.workers, threads=args.threads, scheduler=args.scheduler)
+        print(markdown_table(result.formatted_impact()))
+        print(f"chosen config: {result.save_chosen()}")
+    return 0
+
+
+def command_collect(args: argparse.Namespace) -> int:
+    from tdro.studies.collect import DEFAULT_METRICS, collect
+
+    collected = collect(args.root, args.metrics or DEFAULT_METRICS)
+    print(f"{len(collected.runs)} finished runs under {args.root}, grouped by: "
+          f"{', '.join(collected.group_keys) or '(no differing keys)'}\n")
+    print(collected.markdown())
+    if args.out:
+        for path in collected.write(args.out, args.format):
+            print(f"wrote {path}")
+    return 0
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -228,7 +318,7 @@ def command_strip_notebooks(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": command_train, "show": command_show, "report": command_report, "sweep": command_sweep,
-               "strip-notebooks": command_strip_notebooks}[args.command]
+               "study": command_study, "collect": command_collect, "strip-notebooks": command_strip_notebooks}[args.command]
     try:
         return handler(args)
     except (ValueError, OSError, ArithmeticError) as err:  # config, files, non-finite losses

@@ -29,7 +29,7 @@ MONITORS = ("val_worst_group_acc", "val_acc", "val_balanced_acc", "val_loss", "v
             "test_worst_group_loss", "test_macro_f1")
 # Keys that do not change what a run computes; left out of the config hash.
 NON_RESULT_KEYS = ("run_name", "output_dir", "progress", "log_interval", "tensorboard", "device",
-                   "latent_samples_per_group")
+                   "latent_samples_per_group", "threads")
 SEED_MAX = 2**32 - 1  # NumPy's legacy seed and the split seeds take 32 bits
 CLASS_IDS = (0, 9)  # digits and mnist_usps both have the ten classes 0..9
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -69,6 +69,9 @@ class Config(*algorithm_key_blocks()):
     seed: int = key(0, "seed for initialisation and batch order (Python, NumPy, torch)", low=0, high=SEED_MAX)
     device: str = key("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; availability is checked when training starts")
     bf16: bool = key(False, "bf16 autocast for forward passes on CUDA")
+    threads: int = key(1, "torch CPU threads for this run (torch.set_num_threads); 0 = torch's default (all cores). "
+                          "1 is never catastrophically slow on a shared machine; raise it for a lone CPU run on many cores",
+                       low=0, high=1024)
     deterministic: bool = key(False, "use deterministic torch algorithms")
     progress: bool = key(True, "show tqdm progress bars")
     log_interval: int = key(50, "steps between records in steps.jsonl", low=1)

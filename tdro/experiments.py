@@ -16,9 +16,9 @@ An experiment is data (``params/experiments/<name>.yaml``)::
     smoke: {epochs: 2, ...}       # what ``smoke=True`` puts on top (one seed, one fold, few epochs)
 
 ``plan_experiment`` makes one Config per (setting, arm, seed, fold); ``run_experiment`` trains
-what is missing through ``tdro.phases.ensure_run`` (a finished run with the same
-``Config.result_hash()`` is reused, an interrupted one resumed), optionally in several worker
-processes; ``ExperimentResult`` loads the summaries (the selected **validation** checkpoint's
+what is missing through ``tdro.studies.run_study`` (a finished run with the same
+``Config.result_hash()`` is reused, an interrupted one resumed), here, on local worker processes or
+on a Dask cluster; ``ExperimentResult`` loads the summaries (the selected **validation** checkpoint's
 test metrics) and builds the tables: mean ± std per arm, per-group accuracies, the paired
 difference of each arm to the reference with a t confidence interval (pairs = same seed and
 fold), GroupDRO weights over training, parameter counts, wall times and the checkpoint of each
@@ -41,7 +41,9 @@ import pandas as pd
 import yaml
 
 from tdro.config import Config, merge_changes, named_params_file
-from tdro.phases import _check_config_keys, die_with_parent, ensure_run, index_runs, paired_difference, seed_list
+from tdro.phases import _check_config_keys, seed_list
+from tdro.studies.runner import PlannedRun as StudyRun, run_study
+from tdro.studies.tables import markdown_table, paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS_DIR = ROOT / "params" / "experiments"
@@ -270,92 +272,33 @@ def plan_experiment(spec: ExperimentSpec | str | Path, seeds: int | Sequence[int
 
 
 # ============================================================================================ running
-def _set_threads(threads: int | None) -> int:
-    import torch
-
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    return before
-
-
-def _worker_init(threads: int | None, parent_pid: int) -> None:
-    """Worker set-up: die with the parent process (a killed kernel leaves no worker training) and set threads."""
-    die_with_parent(parent_pid)
-    _set_threads(threads)
-
-
-def _train_one(config_values: dict, root: str, metadata: dict, candidates: list[str]) -> tuple[str, str]:
-    """Worker task: ensure one run (its only candidates passed in, so no folder scan per run)."""
-    config = Config.from_dict(config_values)
-    index = {config.result_hash(): [Path(p) for p in candidates]} if candidates else {}
-    run_dir, status = ensure_run(config, root, metadata, False, index)
-    return str(run_dir), status
-
-
 def run_experiment(plan: ExperimentPlan, workers: int = 1, threads_per_worker: int | None = 1,
-                   log: Callable[[str], None] | None = print) -> "ExperimentResult":
-    """Train what is missing of a plan (idempotent: reuse finished runs, resume interrupted ones).
+                   log: Callable[[str], None] | None = print, scheduler: str | None = None) -> "ExperimentResult":
+    """Train what is missing of a plan (``tdro.studies.run_study``: reuse finished runs, resume interrupted ones).
 
-    ``workers`` > 1 trains in that many processes (spawned; each run is independent), each with
-    ``threads_per_worker`` torch threads: the models are small, so one thread per process is faster
-    than intra-op threads that fight over shared cores. The workers die with this process (Linux). Each invocation is appended to
-    ``<experiment_dir>/runner_log.jsonl`` (start, end, elapsed, how many runs were trained).
+    ``workers`` > 1 trains on a local Dask cluster of that many processes, ``scheduler`` on an
+    existing Dask cluster; every run gets ``threads_per_worker`` torch threads (the models are small,
+    so one thread per process beats intra-op threads that fight over shared cores). Each invocation
+    is appended to ``<experiment_dir>/runner_log.jsonl`` (start, elapsed, how many runs were trained).
     """
     started, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="seconds")
-    index = index_runs(plan.output_dir)
-    rows: dict[tuple, dict] = {}
-    todo = []
-    for run in plan.runs:
-        config = run.config
-        metadata = {"experiment": plan.spec.name, "setting": run.setting, "arm": run.arm, "seed": run.seed,
-                    "fold": run.fold, "smoke": plan.smoke}
-        candidates = index.get(config.result_hash(), [])
-        finished = [p for p in candidates if (p / "summary.json").is_file()]
-        if finished:
-            rows[run.key] = {"run_dir": finished[0], "status": "reused"}
-        else:
-            todo.append((run, metadata, [str(p) for p in candidates]))
-    if log is not None:
-        log(f"{plan.spec.name}: {len(plan.runs)} runs planned, {len(plan.runs) - len(todo)} reused, "
-            f"{len(todo)} to train with {workers} worker(s)")
-    if todo:
-        if workers <= 1:
-            before = _set_threads(threads_per_worker)
-            try:
-                for i, (run, metadata, candidates) in enumerate(todo, start=1):
-                    run_dir, status = _train_one(run.config.to_dict(), str(plan.output_dir), metadata, candidates)
-                    rows[run.key] = {"run_dir": Path(run_dir), "status": status}
-                    if log is not None:
-                        log(f"[{i}/{len(todo)}] {run.setting} {run.arm} fold {run.fold} seed {run.seed}: {status}")
-            finally:
-                _set_threads(before)
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                     initargs=(threads_per_worker, os.getpid())) as pool:
-                futures = {pool.submit(_train_one, run.config.to_dict(), str(plan.output_dir), metadata, candidates): run
-                           for run, metadata, candidates in todo}
-                for i, future in enumerate(as_completed(futures), start=1):
-                    run = futures[future]
-                    run_dir, status = future.result()
-                    rows[run.key] = {"run_dir": Path(run_dir), "status": status}
-                    if log is not None:
-                        log(f"[{i}/{len(todo)}] {run.setting} {run.arm} fold {run.fold} seed {run.seed}: {status}")
+    runs = [StudyRun(r.config, {"study": plan.spec.name, "setting": r.setting, "arm": r.arm, "seed": r.seed,
+                                  "fold": r.fold}) for r in plan.runs]
+    table = run_study(runs, plan.output_dir, workers, threads_per_worker, scheduler, log=log)
+    failed = table[table["status"] == "failed"]
+    if len(failed):
+        raise ExperimentError("runs failed: " + "; ".join(f"{r.setting}/{r.arm} fold {r.fold} seed {r.seed}: {r.error}"
+                                                          for r in failed.itertuples()))
     elapsed = time.time() - started
     plan.experiment_dir.mkdir(parents=True, exist_ok=True)
-    entry = {"started": started_at, "elapsed_seconds": elapsed, "planned": len(plan.runs), "trained": len(todo),
-             "workers": workers, "threads_per_worker": threads_per_worker, "cpus": os.cpu_count(),
+    entry = {"started": started_at, "elapsed_seconds": elapsed, "planned": len(plan.runs),
+             "trained": int((table["status"] != "reused").sum()), "workers": workers,
+             "threads_per_worker": threads_per_worker, "scheduler": scheduler, "cpus": os.cpu_count(),
              "seeds": plan.seeds, "folds": plan.folds, "smoke": plan.smoke}
     with open(plan.experiment_dir / "runner_log.jsonl", "a") as handle:
         handle.write(json.dumps(entry) + "\n")
-    table = pd.DataFrame([{"setting": r.setting, "arm": r.arm, "seed": r.seed, "fold": r.fold,
-                           "run_dir": rows[r.key]["run_dir"], "status": rows[r.key]["status"],
-                           "config_hash": r.config.result_hash()} for r in plan.runs])
-    return ExperimentResult(plan, table, elapsed)
+    table["run_dir"] = table["run_dir"].map(Path)
+    return ExperimentResult(plan, table.drop(columns=["study", "error", "worker", "seconds"]), elapsed)
 
 
 # ============================================================================================ results
@@ -376,21 +319,6 @@ def _summary_row(run_dir: Path) -> dict:
                parameter_count=summary["parameter_count"],
                train_sizes=json.dumps({g: s["train"] for g, s in summary["group_sizes"].items()}))
     return row
-
-
-def markdown_table(table: pd.DataFrame, index: bool = True) -> str:
-    """A DataFrame as a GitHub Markdown table (no extra dependency)."""
-    if index:
-        table = table.reset_index()
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return "—" if math.isnan(value) else f"{value:g}"
-        return str(value).replace("|", "\\|").replace("\n", " ")
-    header = [str(c) for c in table.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in table.itertuples(index=False):
-        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
-    return "\n".join(lines)
 
 
 def _base_block(spec: ExperimentSpec) -> str:

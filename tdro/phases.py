@@ -17,36 +17,26 @@ A phase is data (``params/phases/<name>.yaml``)::
 dataset without a text group, a class count the dataset does not have, differential learning rates
 for a model without backbone parameters) with the reason, marks an arm with nothing left as not
 applicable, scales epoch counts (``epochs_scale``; ``smoke`` shrinks everything) and makes one
-Config per (arm, seed). ``run_phase`` is idempotent: a finished run with the same
-``Config.result_hash()`` anywhere under the output folder is reused, an unfinished one is resumed
-(``tdro.training.trainer.resume``), and only what is missing is trained. ``PhaseResult`` gives the
-runs, the measured-impact table and the chosen config for the next phase.
-
-A child process (``isolate``: ``python -m tdro train``; ``tdro.experiments``' worker processes) dies
-with the process that started it (``die_with_parent``, Linux): killing the notebook's kernel or
-papermill leaves no training run behind.
+Config per (arm, seed). ``run_phase`` runs them through ``tdro.studies.run_study`` (the one reuse
+rule: a finished run with the same ``Config.result_hash()`` anywhere under the output folder is
+reused, an unfinished one is resumed; here, on local worker processes or on a Dask cluster).
+``PhaseResult`` gives the runs, the measured-impact table and the chosen config for the next phase.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
-from tdro.config import Config, ConfigError, merge_changes, named_params_file, read_yaml_mapping
+from tdro.config import Config, merge_changes, named_params_file, read_yaml_mapping
+from tdro.studies.runner import PlannedRun, run_study
+from tdro.studies.tables import paired_difference
 
 PHASES_DIR = Path(__file__).resolve().parents[1] / "params" / "phases"
 PHASE_NAMES = ("phase1_quick_wins", "phase2_architecture", "phase3_finetuning")
@@ -432,127 +422,16 @@ def plan_phase(spec: PhaseSpec | str | Path, dataset: str = "digits", seeds: int
 
 
 # ============================================================================================ runs
-def run_hash(run_dir: Path) -> str | None:
-    """The result hash of a run directory's config.yaml under today's Config (keys added since then take
-    their defaults); a config that no longer loads falls back to the hash in summary.json, else None."""
-    try:
-        return Config.load([run_dir / "config.yaml"]).result_hash()
-    except (ConfigError, OSError) as err:
-        summary = run_dir / "summary.json"
-        try:
-            value = json.loads(summary.read_text()).get("config_hash") if summary.is_file() else None
-        except json.JSONDecodeError:
-            value = None
-        if value is None:
-            warnings.warn(f"skipping {run_dir}: its config.yaml does not load ({err})", stacklevel=2)
-        return value
-
-
-def index_runs(root: str | Path) -> dict[str, list[Path]]:
-    """{result hash: run directories} of every run under root (any depth)."""
-    root = Path(root)
-    index: dict[str, list[Path]] = {}
-    if not root.is_dir():
-        return index
-    for config_path in sorted(root.rglob("config.yaml")):
-        value = run_hash(config_path.parent)
-        if value is not None:
-            index.setdefault(value, []).append(config_path.parent)
-    return index
-
-
-def find_run(root: str | Path, config: Config, index: Mapping[str, list[Path]] | None = None) -> tuple[Path | None, bool]:
-    """(run directory, finished) of a run of ``config`` under root: a finished one first, else an unfinished one."""
-    index = index_runs(root) if index is None else index
-    candidates = index.get(config.result_hash(), [])
-    finished = [p for p in candidates if (p / "summary.json").is_file()]
-    if finished:
-        return finished[0], True
-    return (candidates[0], False) if candidates else (None, False)
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-@functools.cache
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl (Linux), looked up once in the parent: a forked child must not load libraries."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    return ctypes.CDLL(None).prctl
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux); exit at once if the parent is already gone."""
-    prctl = _prctl()
-    if prctl is not None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
-        os._exit(1)
-
-
-def _subprocess(arguments: list[str]) -> None:
-    _prctl()
-    result = subprocess.run([sys.executable, "-m", "tdro", *arguments], capture_output=True, text=True,
-                            preexec_fn=functools.partial(die_with_parent, os.getpid()))
-    if result.returncode != 0:
-        raise RuntimeError(f"`python -m tdro {' '.join(arguments)}` failed (exit {result.returncode}):\n"
-                           f"{result.stderr[-3000:]}")
-
-
-def ensure_run(config: Config, root: str | Path, metadata: Mapping[str, Any] | None = None, isolate: bool = False,
-               index: dict[str, list[Path]] | None = None) -> tuple[Path, str]:
-    """Make sure a finished run of ``config`` exists under root: reuse it, resume it, or train it.
-
-    Returns (run directory, "reused" | "resumed" | "trained"). ``isolate`` trains in a child process
-    (``python -m tdro train``), so each run's peak memory is its own.
-    """
-    from tdro.training.trainer import resume, train
-
-    index = index_runs(root) if index is None else index
-    found, finished = find_run(root, config, index)
-    if finished:
-        return found, "reused"
-    if found is not None:
-        if isolate:
-            _subprocess(["train", "--resume", str(found)])
-        else:
-            resume(found)
-        return found, "resumed"
-    run_dir = Path(config.output_dir) / config.run_name
-    if (run_dir / "config.yaml").exists():
-        raise PhaseError(f"{run_dir} holds a run whose config differs from the one planned under that name; "
-                         "move it away")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if metadata:
-        (run_dir / "phase.json").write_text(json.dumps(dict(metadata), indent=2) + "\n")
-    if isolate:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "config.yaml"
-            config.save(path)
-            _subprocess(["train", "-f", str(path)])
-    else:
-        train(config, run_dir)
-    index.setdefault(config.result_hash(), []).append(run_dir)
-    return run_dir, "trained"
-
-
-def run_phase(plan: PhasePlan, isolate: bool = False, log: Callable[[str], None] | None = print) -> "PhaseResult":
-    """Train what is missing of a plan (idempotent) and return the result."""
-    index = index_runs(plan.output_dir)
-    rows = []
-    todo = [(arm, seed, config) for arm in plan.arms if arm.applicable for seed, config in arm.configs.items()]
-    for i, (arm, seed, config) in enumerate(todo, start=1):
-        metadata = {"phase": plan.spec.name, "arm": arm.name, "label": arm.arm.label, "seed": seed,
-                    "dataset": plan.dataset, "smoke": plan.smoke, "epochs_scale": plan.epochs_scale}
-        run_dir, status = ensure_run(config, plan.output_dir, metadata, isolate, index)
-        if log is not None:
-            log(f"[{i}/{len(todo)}] {arm.name} seed {seed}: {status} {run_dir}")
-        rows.append({"arm": arm.name, "seed": seed, "run_dir": run_dir, "status": status,
-                     "config_hash": config.result_hash()})
-    return PhaseResult(plan, pd.DataFrame(rows, columns=["arm", "seed", "run_dir", "status", "config_hash"]))
+def run_phase(plan: PhasePlan, isolate: bool = False, log: Callable[[str], None] | None = print,
+              workers: int = 1, threads: int | None = None, scheduler: str | None = None) -> "PhaseResult":
+    """Train what is missing of a plan (idempotent, ``tdro.studies.run_study``) and return the result."""
+    runs = [PlannedRun(config, {"study": plan.spec.name, "arm": arm.name, "seed": seed})
+            for arm in plan.arms if arm.applicable for seed, config in arm.configs.items()]
+    table = run_study(runs, plan.output_dir, workers, threads, scheduler, isolate, log)
+    failed = table[table["status"] == "failed"]
+    if len(failed):
+        raise PhaseError("runs failed: " + "; ".join(f"{r.arm} seed {r.seed}: {r.error}" for r in failed.itertuples()))
+    return PhaseResult(plan, table[["arm", "seed", "run_dir", "status", "config_hash"]])
 
 
 # ============================================================================================ impact
@@ -571,21 +450,6 @@ def run_metrics(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
                      "val_worst_group_acc": s["val"]["worst_group_acc"], "val_acc": s["val"]["acc"],
                      "wall_seconds": s["wall_seconds"], "peak_memory_mb": peak})
     return pd.DataFrame(rows)
-
-
-def paired_difference(arm: Sequence[float], baseline: Sequence[float], confidence: float = 0.95
-                      ) -> tuple[float, float, float]:
-    """Mean of arm − baseline over paired seeds and its t confidence interval (NaN bounds below 2 pairs)."""
-    from scipy import stats
-
-    d = np.asarray(arm, dtype=float) - np.asarray(baseline, dtype=float)
-    if len(d) == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(d.mean())
-    if len(d) < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
-    return mean, mean - half, mean + half
 
 
 IMPACT_METRICS = ("worst_group_acc", "acc")

@@ -18,8 +18,10 @@ import yaml
 from scipy import stats
 
 from tdro.config import Config
-from tdro.phases import (BASELINE, PHASE_NAMES, PhaseError, ensure_run, find_run, format_impact, impact_table,
-                         load_phase, paired_difference, plan_phase, run_phase, scale_epochs)
+from tdro.phases import (BASELINE, PHASE_NAMES, PhaseError, format_impact, impact_table, load_phase, plan_phase,
+                         run_phase, scale_epochs)
+from tdro.studies import ensure_run, find_run
+from tdro.studies.tables import paired_difference
 
 from processes import alive, children, command_line, descendants, wait_gone  # tests/processes.py
 
@@ -241,8 +243,8 @@ def test_run_phase_trains_reuses_and_resumes(tmp_path, tiny_phase):
     for row in result.runs.itertuples():
         run_dir = Path(row.run_dir)
         assert (run_dir / "summary.json").is_file() and (run_dir / "history.jsonl").is_file()
-        meta = json.loads((run_dir / "phase.json").read_text())
-        assert (meta["phase"], meta["arm"], meta["seed"]) == ("tiny", row.arm, row.seed)
+        meta = json.loads((run_dir / "study.json").read_text())
+        assert (meta["study"], meta["arm"], meta["seed"]) == ("tiny", row.arm, row.seed)
         assert json.loads((run_dir / "summary.json").read_text())["config_hash"] == row.config_hash
 
     table = result.impact_table()
@@ -293,7 +295,7 @@ def test_isolated_runs_train_in_a_child_process(tmp_path):
     config = Config(epochs=1, progress=False, latent_dim=4, head_hidden=0, group_max_train_samples=[60, 60],
                     output_dir=str(tmp_path / "runs"), run_name="child")
     run_dir, status = ensure_run(config, tmp_path, {"arm": "x"}, isolate=True)
-    assert status == "trained" and (run_dir / "summary.json").is_file() and (run_dir / "phase.json").is_file()
+    assert status == "trained" and (run_dir / "summary.json").is_file() and (run_dir / "study.json").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["config_hash"] == config.result_hash()
     (run_dir / "summary.json").unlink()
     assert ensure_run(config, tmp_path, isolate=True) == (run_dir, "resumed")
@@ -303,7 +305,7 @@ def test_isolated_runs_train_in_a_child_process(tmp_path):
 ORPHAN_PARENT = """
 import sys
 from tdro.config import Config
-from tdro.phases import ensure_run
+from tdro.studies import ensure_run
 
 config = Config(epochs=5000, progress=False, latent_dim=4, head_hidden=0, group_max_train_samples=[60, 60],
                 output_dir=sys.argv[1], run_name="orphan")

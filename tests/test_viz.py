@@ -41,7 +41,7 @@ def metrics(seed: int, worst: str | None = None) -> dict:
 def write_run(root: Path, name: str, *, epochs: int = 3, groupdro: bool = True, cells: bool = False,
               dataset: str = "digits", finished: bool = True, latents: bool = True, phase: dict | None = None,
               backbone: bool = True) -> Path:
-    """A run directory as the trainer writes it (config, history, steps, summary, latents, phase.json)."""
+    """A run directory as the trainer writes it (config, history, steps, summary, latents, study.json)."""
     run = root / name
     (run / "checkpoints").mkdir(parents=True)
     config = {**Config().to_dict(), "dataset": dataset, "groupdro_enabled": groupdro, "epochs": epochs,
@@ -82,7 +82,7 @@ def write_run(root: Path, name: str, *, epochs: int = 3, groupdro: bool = True, 
             "parameter_count": 1234, "device": "cpu", "groups": GROUPS, "classes": CLASSES,
             "config_hash": "abc"})
     if phase:
-        (run / "phase.json").write_text(json.dumps(phase))
+        (run / "study.json").write_text(json.dumps(phase))
     return run
 
 
@@ -207,7 +207,7 @@ def test_run_tables(run_dir):
 
 # ------------------------------------------------------------------------------------------- many runs
 def test_metric_curves_and_summary_of_many_runs(tmp_path):
-    a = write_run(tmp_path, "a", phase={"phase": "p1", "arm": "baseline", "seed": 0})
+    a = write_run(tmp_path, "a", phase={"study": "p1", "arm": "baseline", "seed": 0})
     b = write_run(tmp_path, "b", epochs=2, groupdro=False)
     ax = viz.plot_metric_curves([a, b], "val.worst_group_acc").axes[0]
     assert [line.get_label() for line in ax.lines] == ["baseline s0", "b"]
@@ -300,8 +300,8 @@ def test_latent_explorer_without_latents(tmp_path):
 
 
 def test_dashboard_filters_selects_and_redraws(tmp_path):
-    write_run(tmp_path, "p_base", phase={"phase": "p1", "arm": "baseline", "seed": 0})
-    write_run(tmp_path, "p_arm", phase={"phase": "p1", "arm": "batch_64", "seed": 0})
+    write_run(tmp_path, "p_base", phase={"study": "p1", "arm": "baseline", "seed": 0})
+    write_run(tmp_path, "p_arm", phase={"study": "p1", "arm": "batch_64", "seed": 0})
     write_run(tmp_path, "heart_run", dataset="heart", groupdro=False)
     write_run(tmp_path / "nested", "unfinished", finished=False)
     board = viz.RunDashboard(tmp_path, metric="val.acc")

@@ -495,33 +495,28 @@ class Sweep:
                    overrides: Mapping[str, Any] | None = None, log: Callable[[str], None] | None = None) -> pd.DataFrame:
         """Train the best config once per seed and evaluate each on test once (idempotent).
 
-        Runs go to ``<sweeps_dir>/<study>/best/seed_<s>``; a finished run with the same config is
-        reused and an unfinished one is resumed. Returns one row per seed (validation monitor and test
+        Runs go to ``<sweeps_dir>/<study>/best/seed_<s>`` through ``tdro.studies.run_study`` (a
+        finished run with the same config is reused and an unfinished one is resumed). Returns one row per seed (validation monitor and test
         metrics of the selected checkpoint) plus ``mean`` and ``std`` rows.
         """
         from tdro.runs import load_run
-        from tdro.training.trainer import resume, train
+        from tdro.studies.runner import PlannedRun, run_study
 
         root = Path(output_dir) if output_dir is not None else self.folder / "best"
         trial = self.best_trial()
+        runs = [PlannedRun(self.space.config(trial.params, seed=int(seed), run_name=f"seed_{seed}", output_dir=str(root),
+                                             **dict(overrides or {})), {"study": self.name, "seed": int(seed)})
+                for seed in seeds]
+        if log:
+            log(f"best config (trial {trial.number}), seeds {list(seeds)}: runs in {root}")
+        runs_table = run_study(runs, root, log=log)
+        failed = runs_table[runs_table["status"] == "failed"]
+        if len(failed):
+            raise SweepError("re-runs of the best config failed: " + "; ".join(
+                f"seed {r.seed}: {r.error}" for r in failed.itertuples()))
         rows = []
-        for seed in seeds:
-            config = self.space.config(trial.params, seed=int(seed), run_name=f"seed_{seed}", output_dir=str(root),
-                                       **dict(overrides or {}))
-            run_dir = root / config.run_name
-            if (run_dir / "config.yaml").exists():
-                saved = Config.load([run_dir / "config.yaml"])
-                if saved.result_hash() != config.result_hash():
-                    raise SweepError(f"{run_dir} holds a run of another config (the best trial changed?); "
-                                     "move it away or pass another output_dir")
-                if (run_dir / "summary.json").exists():
-                    summary = load_run(run_dir).summary
-                else:
-                    summary = resume(run_dir).summary
-            else:
-                if log:
-                    log(f"best config (trial {trial.number}), seed {seed}: training into {run_dir}")
-                summary = train(config, run_dir).summary
+        for seed, run_dir in zip(runs_table["seed"], runs_table["run_dir"]):
+            summary = load_run(run_dir).summary
             row = {"seed": int(seed), "run_dir": str(run_dir), "selected_epoch": summary["selected_epoch"],
                    f"val.{self.space.monitor.removeprefix('val_')}": summary["monitor_value"]}
             row.update({f"test.{m}": summary["test"].get(m) for m in VAL_METRICS})

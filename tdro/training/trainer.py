@@ -136,6 +136,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         if config.bf16 and self.device.type != "cuda":
             raise ConfigError(f"key 'bf16' is true but the device is {self.device}; bf16 autocast runs on CUDA only")
+        if config.threads:
+            torch.set_num_threads(config.threads)
         seed_everything(config.seed, config.deterministic)
         parts = parts if parts is not None else build_parts(config, self.device)
         self.dataset, self.grouper, self.model = parts.dataset, parts.grouper, parts.model

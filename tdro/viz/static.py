@@ -87,18 +87,20 @@ def as_run(run: str | Path | Run) -> Run:
 
 
 def run_label(run: Run) -> str:
-    """Short label of a run: its phase arm and seed when the phase runner made it, else its directory name."""
-    meta = phase_metadata(run.path)
+    """Short label of a run: its arm and seed when the study runner made it, else its directory name."""
+    meta = study_labels(run.path)
     if meta:
         return f"{meta.get('arm', '?')} s{meta.get('seed', '?')}"
     return run.run_id
 
 
-def phase_metadata(run_dir: str | Path) -> dict:
-    """The ``phase.json`` the phase runner writes into a run directory ({} for runs made otherwise)."""
+def study_labels(run_dir: str | Path) -> dict:
+    """The labels (study, arm, seed, ...) the study runner writes into a run directory ({} for runs made otherwise)."""
     import json
 
-    path = Path(run_dir) / "phase.json"
+    from tdro.studies.runner import METADATA_FILE
+
+    path = Path(run_dir) / METADATA_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

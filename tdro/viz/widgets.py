@@ -25,7 +25,7 @@ import pandas as pd
 from IPython.display import display
 
 from tdro.runs import Run, find_runs
-from tdro.viz.static import (as_run, figure_png, latent_epochs, load_latents, metric_columns, phase_metadata,
+from tdro.viz.static import (as_run, figure_png, latent_epochs, load_latents, metric_columns, study_labels,
                              plot_latents, plot_metric_curves, plot_weights_by_run, run_label, summary_table)
 
 ALL = "(all)"
@@ -120,9 +120,9 @@ class RunDashboard(_View):
             run = as_run(path)
             label = self._unique(run_label(run))
             self.runs[label] = run
-            meta = phase_metadata(path)
+            meta = study_labels(path)
             self.meta[label] = {"dataset": str(run.config.get("dataset")),
-                                "arm": str(meta.get("arm", "(not a phase run)")), "phase": meta.get("phase")}
+                                "arm": str(meta.get("arm", "(not a study run)")), "study": meta.get("study")}
         self._updating = True
         try:
             self.dataset_filter.options = [ALL] + sorted({m["dataset"] for m in self.meta.values()})
