@@ -54,16 +54,18 @@ report: $(STAMP) $(KERNEL)
 	$(REPORT) outputs/*.ipynb
 
 # Result experiments on real data (params/experiments/*.yaml): runs in outputs/experiments (finished
-# runs reused, interrupted ones resumed), the executed notebook as HTML and a Markdown report in reports/.
+# runs reused, interrupted ones resumed), the executed notebook as offline HTML and a Markdown report in
+# reports/. EXPERIMENT_WORKERS local worker processes, or EXPERIMENT_SCHEDULER=tcp://host:8786 for a Dask cluster.
 EXPERIMENTS ?= heart mnist_usps
 EXPERIMENT_WORKERS ?= 2
-experiments: $(STAMP)
+EXPERIMENT_SCHEDULER ?=
+experiments: $(STAMP) $(KERNEL)
 	mkdir -p reports outputs/experiments
 	for e in $(EXPERIMENTS); do \
-	  run="$(VENV)/bin/papermill notebooks/experiment.ipynb outputs/experiments/$$e.ipynb -k tdro -p experiment $$e -p workers $(EXPERIMENT_WORKERS) -p output_dir outputs/experiments -p report_dir reports"; \
-	  html="$(VENV)/bin/jupyter nbconvert --to html outputs/experiments/$$e.ipynb --output-dir reports --output $$e"; \
+	  run="$(VENV)/bin/papermill notebooks/experiment.ipynb outputs/experiments/$$e.ipynb -k tdro -p experiment $$e -p workers $(EXPERIMENT_WORKERS) $(if $(EXPERIMENT_SCHEDULER),-p scheduler $(EXPERIMENT_SCHEDULER)) -p output_dir outputs/experiments -p report_dir reports"; \
+	  html="$(VENV)/bin/python -m tdro report outputs/experiments/$$e.ipynb && cp outputs/experiments/$$e.html reports/$$e.html"; \
 	  MPLBACKEND=agg $$run -p command "make experiments EXPERIMENTS=$$e   # = $$run && $$html" || exit 1; \
-	  $$html || exit 1; \
+	  MPLBACKEND=agg sh -c "$$html" || exit 1; \
 	done
 
 bench: $(STAMP)
