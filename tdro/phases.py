@@ -25,9 +25,8 @@ reused, an unfinished one is resumed; here, on local worker processes or on a Da
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,13 @@ import pandas as pd
 import yaml
 
 from tdro.config import Config, merge_changes, named_params_file, read_yaml_mapping
-from tdro.studies.runner import PlannedRun, run_study
-from tdro.studies.tables import paired_difference
+from tdro.studies.runner import PlannedRun, StudyError, run_study
+from tdro.studies.spec import BASELINE, Arm, StudySpec, load_study
+from tdro.studies.spec import seed_list as study_seed_list
+from tdro.studies.results import StudyResult, format_impact
 
 PHASES_DIR = Path(__file__).resolve().parents[1] / "params" / "phases"
 PHASE_NAMES = ("phase1_quick_wins", "phase2_architecture", "phase3_finetuning")
-BASELINE = "baseline"
 # Keys counted in epochs: epochs_scale multiplies them (a value >= 1 stays >= 1; 0 and null stay).
 EPOCH_KEYS = ("epochs", "groupdro_warmup_epochs", "lr_warmup_epochs", "freeze_backbone_epochs", "lr_step_size", "T_max")
 # smoke: tiny runs for tests and dry runs (10 epochs -> 1, 50 -> 2; few samples; small inputs)
@@ -51,50 +51,14 @@ SMOKE_OVERRIDES = {"latent_samples_per_group": 50, "image_size": 32, "text_max_l
 # `dataset` up to the model block.
 DATA_KEYS = tuple(Config.keys()[Config.keys().index("dataset"):Config.keys().index("latent_dim")])
 BACKBONE_KEYS = ("lr_backbone", "lr_new", "freeze_backbone_epochs")
-SPEC_KEYS = {"name", "title", "description", "previous", "base", "adds", "baseline", "arms"}
-ARM_KEYS = {"name", "label", "changes", "expected", "risk"}
 
 
-class PhaseError(ValueError):
+class PhaseError(StudyError):
     """A phase file or phase request that cannot be used; the message says what and how to fix it."""
 
 
 # ============================================================================================ spec
-@dataclass(frozen=True)
-class Arm:
-    """One arm of a phase: named config changes and the seed's expected impact."""
-
-    name: str
-    label: str
-    changes: dict = field(default_factory=dict)
-    expected: str = ""
-    risk: str = ""
-
-
-@dataclass
-class PhaseSpec:
-    """A phase as written in ``params/phases/<name>.yaml``."""
-
-    name: str
-    title: str
-    description: str
-    base: dict
-    adds: dict
-    baseline: Arm
-    arms: list[Arm]
-    previous: str | None = None
-    path: Path | None = None
-
-    @property
-    def all_arms(self) -> list[Arm]:
-        """The baseline first, then the arms."""
-        return [self.baseline, *self.arms]
-
-    def arm(self, name: str) -> Arm:
-        for arm in self.all_arms:
-            if arm.name == name:
-                return arm
-        raise PhaseError(f"phase {self.name!r} has no arm {name!r}; arms: {', '.join(a.name for a in self.all_arms)}")
+PhaseSpec = StudySpec
 
 
 def phase_path(name_or_path: str | Path) -> Path:
@@ -105,55 +69,9 @@ def phase_path(name_or_path: str | Path) -> Path:
     return named_params_file(PHASES_DIR, str(name_or_path), "phase", "phases", PhaseError)
 
 
-def _check_config_keys(values: Mapping[str, Any], where: str) -> None:
-    import difflib
-
-    for name in values:
-        if name not in Config.keys():
-            close = difflib.get_close_matches(name, Config.keys(), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise PhaseError(f"{where}: unknown config key {name!r}{hint}")
-
-
 def load_phase(name_or_path: str | Path) -> PhaseSpec:
-    """Read and check a phase file (keys, arm names, config keys of base, adds and every arm)."""
-    path = phase_path(name_or_path)
-    if not path.is_file():
-        raise PhaseError(f"phase file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise PhaseError(f"phase file {path} must hold a mapping")
-    unknown = set(data) - SPEC_KEYS
-    if unknown:
-        raise PhaseError(f"phase file {path}: unknown keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
-    for key in ("name", "arms"):
-        if key not in data:
-            raise PhaseError(f"phase file {path} needs {key!r}")
-    base, adds = data.get("base") or {}, data.get("adds") or {}
-    _check_config_keys(base, f"{path} base")
-    _check_config_keys(adds, f"{path} adds")
-    baseline_data = data.get("baseline") or {}
-    baseline = Arm(BASELINE, baseline_data.get("label", "baseline"), {}, baseline_data.get("expected", ""),
-                   baseline_data.get("risk", ""))
-    arms, names = [], {BASELINE}
-    for i, entry in enumerate(data["arms"]):
-        where = f"{path} arms[{i}]"
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise PhaseError(f"{where} must be a mapping with a name")
-        bad = set(entry) - ARM_KEYS
-        if bad:
-            raise PhaseError(f"{where}: unknown keys {sorted(bad)}; allowed: {sorted(ARM_KEYS)}")
-        if entry["name"] in names:
-            raise PhaseError(f"{where}: arm name {entry['name']!r} is used twice (or is the reserved {BASELINE!r})")
-        names.add(entry["name"])
-        changes = entry.get("changes") or {}
-        if not changes:
-            raise PhaseError(f"{where} ({entry['name']}) changes nothing; give it `changes:`")
-        _check_config_keys(changes, where)
-        arms.append(Arm(str(entry["name"]), str(entry.get("label", entry["name"])), dict(changes),
-                        str(entry.get("expected", "") or ""), str(entry.get("risk", "") or "")))
-    return PhaseSpec(str(data["name"]), str(data.get("title", data["name"])), str(data.get("description", "")).strip(),
-                     dict(base), dict(adds), baseline, arms, data.get("previous"), path)
+    """Read and check a phase file (``tdro.studies.spec``: its baseline first, then the arms)."""
+    return load_study(phase_path(name_or_path), PhaseError)
 
 
 # ============================================================================================ applicability
@@ -350,16 +268,7 @@ class PhasePlan:
 
 def seed_list(seeds: int | Sequence[int]) -> list[int]:
     """A seed count (0..n-1) or an explicit list of distinct seeds."""
-    if isinstance(seeds, bool):
-        raise PhaseError(f"seeds must be a count or a list of seeds, got {seeds!r}")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise PhaseError(f"seeds must be at least 1, got {seeds}")
-        return list(range(seeds))
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise PhaseError(f"seeds must be a non-empty list of distinct seeds, got {seeds}")
-    return seeds
+    return study_seed_list(seeds, PhaseError)
 
 
 def run_name(arm: str, seed: int, config: Config) -> str:
@@ -398,7 +307,7 @@ def plan_phase(spec: PhaseSpec | str | Path, dataset: str = "digits", seeds: int
         cap = [SMOKE_TRAIN_CAP] * len(dataset_facts(Config.from_dict(base_values)).groups)
 
     arms = []
-    for arm in spec.all_arms:
+    for arm in spec.arms:
         values, dropped = resolve_values(base_values, arm.changes)
         reasons = list(dropped.values())
         applicable = arm.name == BASELINE or Config.from_dict(values).result_hash() != base_hash
@@ -425,148 +334,27 @@ def plan_phase(spec: PhaseSpec | str | Path, dataset: str = "digits", seeds: int
 def run_phase(plan: PhasePlan, isolate: bool = False, log: Callable[[str], None] | None = print,
               workers: int = 1, threads: int | None = None, scheduler: str | None = None) -> "PhaseResult":
     """Train what is missing of a plan (idempotent, ``tdro.studies.run_study``) and return the result."""
-    runs = [PlannedRun(config, {"study": plan.spec.name, "arm": arm.name, "seed": seed})
+    runs = [PlannedRun(config, {"study": plan.spec.name, "setting": "default", "arm": arm.name, "seed": seed,
+                                "fold": None})
             for arm in plan.arms if arm.applicable for seed, config in arm.configs.items()]
     table = run_study(runs, plan.output_dir, workers, threads, scheduler, isolate, log)
     failed = table[table["status"] == "failed"]
     if len(failed):
         raise PhaseError("runs failed: " + "; ".join(f"{r.arm} seed {r.seed}: {r.error}" for r in failed.itertuples()))
-    return PhaseResult(plan, table[["arm", "seed", "run_dir", "status", "config_hash"]])
-
-
-# ============================================================================================ impact
-def run_metrics(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
-    """Per run: test and val worst-group and overall accuracy, wall time, peak memory (max over epochs)."""
-    from tdro.runs import load_run
-
-    rows = []
-    for run_dir in run_dirs:
-        run = load_run(run_dir)
-        if not run.finished:
-            raise PhaseError(f"run {run_dir} has not finished (no summary.json)")
-        s = run.summary
-        peak = float(run.history["peak_memory_mb"].max()) if "peak_memory_mb" in run.history else math.nan
-        rows.append({"run_dir": Path(run_dir), "worst_group_acc": s["test"]["worst_group_acc"], "acc": s["test"]["acc"],
-                     "val_worst_group_acc": s["val"]["worst_group_acc"], "val_acc": s["val"]["acc"],
-                     "wall_seconds": s["wall_seconds"], "peak_memory_mb": peak})
-    return pd.DataFrame(rows)
-
-
-IMPACT_METRICS = ("worst_group_acc", "acc")
-
-
-def impact_table(metrics: pd.DataFrame, arms: pd.DataFrame, baseline: str = BASELINE,
-                 confidence: float = 0.95) -> pd.DataFrame:
-    """The measured impact per arm (index: arm, in the order of ``arms``).
-
-    ``metrics``: one row per run with columns arm, seed, worst_group_acc, acc (test), wall_seconds,
-    peak_memory_mb. ``arms``: one row per arm with arm, label, applicable, reason, notes, expected,
-    risk (``PhasePlan.table()``). Per metric: mean and std over seeds, the paired difference to the
-    baseline (same seeds) with its t confidence interval; time and memory ratios are ratios of means.
-    Arms that do not apply keep a row with the reason.
-    """
-    base = metrics[metrics["arm"] == baseline].set_index("seed")
-    rows = []
-    for info in arms.to_dict("records"):
-        name = info["arm"]
-        row = {"arm": name, "label": info.get("label", name), "expected": info.get("expected", ""),
-               "risk": info.get("risk", "")}
-        if not info.get("applicable", True):
-            row.update(status="not applicable", seeds=0, notes=info.get("reason", ""))
-            rows.append(row)
-            continue
-        runs = metrics[metrics["arm"] == name].set_index("seed")
-        row.update(status="baseline" if name == baseline else "measured", seeds=len(runs), notes=info.get("notes", ""))
-        paired = runs.index.intersection(base.index)
-        for metric in IMPACT_METRICS:
-            values = runs[metric].astype(float)
-            row[metric] = values.mean() if len(values) else math.nan
-            row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
-            if name == baseline:
-                continue
-            diff, low, high = paired_difference(runs.loc[paired, metric], base.loc[paired, metric], confidence)
-            row.update({f"{metric}_diff": diff, f"{metric}_ci_low": low, f"{metric}_ci_high": high,
-                        "paired_seeds": len(paired)})
-        if len(runs) and len(base):
-            row["time_ratio"] = runs["wall_seconds"].mean() / base["wall_seconds"].mean()
-            row["memory_ratio"] = runs["peak_memory_mb"].mean() / base["peak_memory_mb"].mean()
-        rows.append(row)
-    columns = ["arm", "label", "status", "seeds", "paired_seeds"]
-    for metric in IMPACT_METRICS:
-        columns += [metric, f"{metric}_std", f"{metric}_diff", f"{metric}_ci_low", f"{metric}_ci_high"]
-    columns += ["time_ratio", "memory_ratio", "expected", "risk", "notes"]
-    return pd.DataFrame(rows).reindex(columns=columns).set_index("arm")
-
-
-def _pct(value: float) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
-
-
-def _mean_std(mean: float, std: float, seeds: int) -> str:
-    if isinstance(mean, float) and math.isnan(mean):
-        return "—"
-    return f"{_pct(mean)} ± {_pct(std)} %" if not math.isnan(std) else f"{_pct(mean)} % (1 seed)"
-
-
-def _signed_pp(value: float) -> str:
-    return f"{100 * value:+.1f}"
-
-
-def _difference(diff: float, low: float, high: float) -> str:
-    if isinstance(diff, float) and math.isnan(diff):
-        return "—"
-    if math.isnan(low):
-        return f"{_signed_pp(diff)} pp (1 seed: no CI)"
-    return f"{_signed_pp(diff)} pp [{_signed_pp(low)}, {_signed_pp(high)}]"
-
-
-def _ratio(value: float) -> str:
-    return "—" if value is None or math.isnan(value) else f"{value:.2f}×"
-
-
-def format_impact(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """The impact table as display strings: accuracies in %, differences in percentage points (pp)
-    with their confidence interval, ratios to the baseline, beside the seed's expected impact."""
-    level = f"{confidence:.0%}"
-    titles = {"worst_group_acc": "worst-group acc", "acc": "acc"}
-    rows = []
-    for _, r in table.iterrows():
-        row = {"arm": r["label"], "status": r["status"], "seeds": int(r["seeds"])}
-        for metric, title in titles.items():
-            if r["status"] == "not applicable":
-                row[f"{title} (test)"], row[f"Δ {title} [{level} CI]"] = "not applicable", "—"
-                continue
-            row[f"{title} (test)"] = _mean_std(r[metric], r[f"{metric}_std"], r["seeds"])
-            row[f"Δ {title} [{level} CI]"] = ("(reference)" if r["status"] == "baseline" else
-                                              _difference(r[f"{metric}_diff"], r[f"{metric}_ci_low"], r[f"{metric}_ci_high"]))
-        row["time ×"] = _ratio(r["time_ratio"])
-        row["peak memory ×"] = _ratio(r["memory_ratio"])
-        row["expected impact (seed)"] = r["expected"] or "—"
-        row["risk (seed)"] = r["risk"] or "—"
-        row["notes"] = r["notes"] if isinstance(r["notes"], str) else ""
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("arm")
+    return PhaseResult(plan, table[["setting", "arm", "seed", "fold", "run_dir", "status", "config_hash"]])
 
 
 # ============================================================================================ result
-@dataclass
-class PhaseResult:
-    """The runs of a plan and what to make of them."""
+class PhaseResult(StudyResult):
+    """The runs of a plan (``StudyResult``'s tables) and what to make of them: the chosen config."""
 
-    plan: PhasePlan
-    runs: pd.DataFrame   # arm, seed, run_dir, status, config_hash
-
-    def run_dirs(self, arm: str | None = None) -> list[Path]:
-        rows = self.runs if arm is None else self.runs[self.runs["arm"] == arm]
-        return [Path(p) for p in rows["run_dir"]]
-
-    def metrics(self) -> pd.DataFrame:
-        """One row per (arm, seed) run with its test/val accuracies, wall time and peak memory."""
-        table = run_metrics(self.run_dirs())
-        return pd.concat([self.runs[["arm", "seed", "status"]].reset_index(drop=True), table], axis=1)
+    def __init__(self, plan: PhasePlan, runs: pd.DataFrame) -> None:
+        super().__init__(plan.spec, runs)
+        self.plan = plan
 
     def impact_table(self, confidence: float = 0.95) -> pd.DataFrame:
-        return impact_table(self.metrics(), self.plan.table(), BASELINE, confidence)
+        """The impact table with this dataset's applicability (arms that do not apply keep their reason)."""
+        return super().impact_table(arms=self.plan.table(), confidence=confidence)
 
     def formatted_impact(self, confidence: float = 0.95) -> pd.DataFrame:
         return format_impact(self.impact_table(confidence), confidence)

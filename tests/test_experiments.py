@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from tdro.config import Config
 from tdro.data import build_dataset
 from tdro.data.heart import FEATURES, HETAGG_MASKS
-from tdro.experiments import (ExperimentError, ExperimentResult, _summary_row, load_experiment, plan_experiment,
-                              run_experiment)
+from tdro.experiments import ExperimentError, load_experiment, plan_experiment, run_experiment
 from tdro.models.multigroup import build_model
+from tdro.studies import StudyError
+from tdro.studies.results import summary_row
 from tdro.training.trainer import Trainer
 
 from processes import alive, children, command_line, wait_gone  # tests/processes.py
@@ -74,8 +74,8 @@ def test_an_experiment_that_selects_on_test_is_refused(tmp_path):
 def test_a_summary_selected_on_test_is_refused_by_the_tables(tmp_path):
     summary = {"test_selection": True, "selection_split": "test"}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(ExperimentError, match="validation-selected"):
-        _summary_row(tmp_path)
+    with pytest.raises(StudyError, match="validation-selected"):
+        summary_row(tmp_path)
 
 
 @needs_heart

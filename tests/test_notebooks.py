@@ -198,7 +198,7 @@ def test_phase_notebooks_measure_every_arm(phases, name):
     nb = notebooks[name]
     spec = load_phase(name)
     impact = pd.read_csv(out / name / "impact.csv", index_col="arm")
-    assert list(impact.index) == [arm.name for arm in spec.all_arms]  # a row per arm, not-applicable ones included
+    assert list(impact.index) == [arm.name for arm in spec.arms]  # a row per arm, not-applicable ones included
     runs = [p for p in (out / name / "runs").iterdir() if (p / "summary.json").is_file()]
     measured = impact[impact["status"] != "not applicable"]
     assert measured["seeds"].min() >= 1 and len(runs) >= 1

@@ -18,8 +18,8 @@ import yaml
 from scipy import stats
 
 from tdro.config import Config
-from tdro.phases import (BASELINE, PHASE_NAMES, PhaseError, format_impact, impact_table, load_phase, plan_phase,
-                         run_phase, scale_epochs)
+from tdro.phases import BASELINE, PHASE_NAMES, PhaseError, load_phase, plan_phase, run_phase, scale_epochs
+from tdro.studies.results import format_impact, impact_table
 from tdro.studies import ensure_run, find_run
 from tdro.studies.tables import paired_difference
 
@@ -55,10 +55,10 @@ SEED_ARMS = {
 def test_seed_phases_have_the_seed_arms(name):
     spec = load_phase(name)
     assert spec.name == name
-    assert {arm.name: arm.changes for arm in spec.arms} == SEED_ARMS[name]
-    assert spec.all_arms[0].name == BASELINE
+    assert {arm.name: arm.changes for arm in spec.arms[1:]} == SEED_ARMS[name]
+    assert spec.arms[0].name == BASELINE == spec.reference
     start = Config.from_dict({**spec.base, **spec.adds})  # the starting config is a valid Config
-    assert all(arm.label and arm.expected for arm in spec.arms)
+    assert all(arm.label and arm.expected for arm in spec.arms[1:])
     if name == "phase1_quick_wins":  # the seed's "Current Settings"
         assert (start.batch_size, start.epochs, start.latent_dim, start.head_hidden, start.lr, start.lr_scheduler) == (
             32, 10, 64, 128, 1e-3, "none")

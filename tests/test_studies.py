@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from scipy import stats
 
 from tdro.__main__ import main
@@ -212,3 +213,54 @@ def test_a_study_on_dask_survives_a_killed_worker_and_matches_one_worker(tmp_pat
         assert [r["epoch"] for r in got["history"]] == sorted({r["epoch"] for r in got["history"]})
         assert len(got["history"]) == 40
         assert got == want
+
+
+# ============================================================================================ spec + results
+def write_study(path: Path, **extra) -> Path:
+    data = {"name": "tiny", "title": "Tiny", "base": {**TINY, "epochs": 2}, "seeds": 2, "reference": "small",
+            "settings": [{"name": "plain", "label": "plain"}, {"name": "cells", "label": "cells",
+                                                               "changes": {"groupdro_cells": "group_class"}}],
+            "arms": [{"name": "small", "label": "latent 4"},
+                     {"name": "wide", "label": "latent 8", "changes": {"latent_dim": 8}, "expected": "+1 pp"}],
+            **extra}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_one_spec_format_and_one_results_object_for_phases_and_experiments(tmp_path):
+    from tdro.experiments import plan_experiment, run_experiment
+    from tdro.phases import PhaseResult, load_phase
+    from tdro.studies.results import StudyResult
+    from tdro.studies.spec import load_study
+
+    spec = load_study(write_study(tmp_path / "tiny.yaml"))
+    assert [a.name for a in spec.arms] == ["small", "wide"] and spec.baseline.name == "small"
+    phase = load_phase("phase1_quick_wins")
+    assert phase.arms[0].name == phase.reference == "baseline" and type(phase) is type(spec)
+    result = run_experiment(plan_experiment(spec, output_dir=tmp_path / "out"), log=None)
+    assert isinstance(result, StudyResult) and issubclass(PhaseResult, StudyResult)
+    m = result.metrics()
+    for setting in ("plain", "cells"):
+        impact = result.impact_table(setting)
+        part = m[m["setting"] == setting].set_index(["arm", "seed"])["worst_group_acc"]
+        diff = (part["wide"] - part["small"]).mean()
+        assert impact.loc["wide", "worst_group_acc_diff"] == pytest.approx(diff)
+        assert impact.loc["wide", "expected"] == "+1 pp" and impact.loc["small", "status"] == "baseline"
+        paired = result.paired_numbers(setting)
+        assert paired.loc["wide", "diff"] == pytest.approx(diff) and paired.loc["wide", "pairs"] == 2
+    assert set(result.cost_table().index.get_level_values("setting")) == {"plain", "cells"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"baseline": {"label": "b"}}, "either `baseline:`"),
+    ({"arms": [{"name": "small"}, {"name": "same"}]}, "arm 'same' changes nothing"),
+    ({"reference": "nope"}, "reference 'nope' is not an arm"),
+    ({"arms": [{"name": "small", "changes": {"latent_dimm": 3}}]}, "did you mean 'latent_dim'"),
+    ({"seeds": 0}, "seeds must be at least 1"),
+    ({"base": {"monitor": "test_acc", "allow_test_selection": True}}, "selects on the test split"),
+])
+def test_bad_study_files_name_the_problem(tmp_path, extra, message):
+    from tdro.studies.spec import load_study
+
+    with pytest.raises(StudyError, match=message):
+        load_study(write_study(tmp_path / "bad.yaml", **extra))
