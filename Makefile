@@ -46,12 +46,14 @@ phases: $(STAMP) $(KERNEL)
 		-p start_from outputs/phases/phase2_architecture/chosen.yaml
 	$(MAKE) report
 
-# compare.ipynb over every run under outputs/, then every executed notebook in outputs/ -> offline HTML
+# compare.ipynb over every run under outputs/ (figures in outputs/compare/figures), then it and every executed
+# notebook in outputs/ -> offline HTML
 # (one run's report: .venv/bin/python -m tdro report outputs/runs/<run_id>)
 report: $(STAMP) $(KERNEL)
 	test -d outputs || { echo "nothing to report: run make run (or make phases) first"; exit 1; }
-	$(PAPERMILL) --no-progress-bar notebooks/compare.ipynb outputs/compare.ipynb -p runs_root outputs
-	$(REPORT) outputs/*.ipynb
+	mkdir -p outputs/compare
+	$(PAPERMILL) --no-progress-bar notebooks/compare.ipynb outputs/compare/compare.ipynb -p runs_root outputs
+	$(REPORT) outputs/compare/compare.ipynb $(wildcard outputs/*.ipynb)
 
 # Result experiments on real data (params/experiments/*.yaml): runs in outputs/experiments (finished
 # runs reused, interrupted ones resumed), the executed notebook as offline HTML and a Markdown report in

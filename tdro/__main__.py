@@ -172,24 +172,33 @@ def command_collect(args: argparse.Namespace) -> int:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    """One run; under torchrun (WORLD_SIZE > 1) one run over all its processes, rank 0 printing and writing."""
     from tdro.config import Config
+    from tdro.training.distributed import Distributed, shutdown
     from tdro.training.trainer import resume, train
 
     if args.resume:
         if args.parameters_file or args.parameters:
             raise ValueError("--resume continues a run with its saved config.yaml; drop -f/-p")
-        result = resume(args.resume)
+        config = Config.load([Path(args.resume) / "config.yaml"])
     else:
         config = Config.load(args.parameters_file, dict(args.parameters))
-        result = train(config)
-    print(summary_table(result.summary))
-    print(f"run directory: {result.run_dir}")
+    distributed = Distributed.from_environment(config.device)
+    try:
+        result = resume(args.resume, distributed=distributed) if args.resume else train(config, distributed=distributed)
+    finally:
+        shutdown()
+    if distributed is None or distributed.is_writer:
+        print(summary_table(result.summary))
+        print(f"run directory: {result.run_dir}")
     return 0
 
 
 def summary_table(summary: dict) -> str:
-    """A plain-text table of the selected checkpoint's metrics per split and group."""
-    lines = [f"selected epoch {summary['selected_epoch']} by {summary['monitor']} "
+    """A plain-text table of the selected checkpoint's metrics per split and group, then the run's diagnostics."""
+    from tdro.training.diagnostics import diagnostic_notes
+
+    lines = [f"selected epoch {summary['selected_epoch']} of {summary['epochs_run']} by {summary['monitor']} "
              f"({summary['selection_split']}) = {summary['monitor_value']}"]
     header = f"{'split':<6} {'acc':>7} {'worst':>7} {'balanced':>9} {'macro_f1':>9}  per-group acc"
     lines.append(header)
@@ -200,7 +209,7 @@ def summary_table(summary: dict) -> str:
                      f"{m['macro_f1']:>9.3f}  {groups}")
     lines.append(f"wall time {summary['wall_seconds']:.1f}s, {summary['parameter_count']} parameters, "
                  f"device {summary['device']}")
-    return "\n".join(lines)
+    return "\n".join(lines + diagnostic_notes(summary))
 
 
 def command_show(args: argparse.Namespace) -> int:

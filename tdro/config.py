@@ -29,7 +29,7 @@ MONITORS = ("val_worst_group_acc", "val_acc", "val_balanced_acc", "val_loss", "v
             "test_worst_group_loss", "test_macro_f1")
 # Keys that do not change what a run computes; left out of the config hash.
 NON_RESULT_KEYS = ("run_name", "output_dir", "progress", "log_interval", "tensorboard", "device",
-                   "latent_samples_per_group", "threads")
+                   "latent_samples_per_group", "threads", "num_workers", "pin_memory")
 SEED_MAX = 2**32 - 1  # NumPy's legacy seed and the split seeds take 32 bits
 CLASS_IDS = (0, 9)  # digits and mnist_usps both have the ten classes 0..9
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -43,7 +43,7 @@ DATASET_KEYS = {
     "textcaps": ("textcaps_source", "textcaps_groups", "textcaps_num_classes", "textcaps_class_names",
                  "include_combined_group", "spurious_correlation", "spurious_majority_frac", "spurious_group_classes",
                  "textcaps_image_dir", "image_size", "text_max_len", "feature_cache", "feature_cache_dir",
-                 "feature_backbone_weights"),
+                 "feature_backbone_weights", "image_cache", "image_cache_size", "augment", "augment_min_scale"),
 }
 # mnist_usps keys read by only some layouts.
 LAYOUT_KEYS = {"mnist_size": ("skewed",), "mnist_majority": ("skewed",), "usps_size": ("skewed", "skewed3"),
@@ -73,7 +73,7 @@ class Config(*algorithm_key_blocks()):
                           "1 is never catastrophically slow on a shared machine; raise it for a lone CPU run on many cores",
                        low=0, high=1024)
     deterministic: bool = key(False, "use deterministic torch algorithms")
-    progress: bool = key(True, "show tqdm progress bars")
+    progress: bool = key(True, "one progress bar over the run, on a terminal or in a notebook only (epoch lines print either way)")
     log_interval: int = key(50, "steps between records in steps.jsonl", low=1)
     tensorboard: bool = key(False, "also write TensorBoard events under the original tag names")
     max_nonfinite_steps: int = key(5, "non-finite losses in a row that stop the run", low=1)
@@ -133,8 +133,21 @@ class Config(*algorithm_key_blocks()):
     image_size: int = key(224, "textcaps: images are resized to image_size x image_size", low=8)
     text_max_len: int = key(128, "textcaps: captions are truncated or padded to this many characters", low=1)
     feature_cache: bool = key(False, "textcaps: visual group reads cached frozen ResNet-18 features (512-d) instead of images")
-    feature_cache_dir: str = key("outputs/cache", "folder of the feature cache")
+    feature_cache_dir: str = key("outputs/cache", "folder of the feature cache and of the decoded-image cache")
     feature_backbone_weights: str = key("imagenet", "feature cache backbone: imagenet (torch hub cache, never downloaded), random (seeded), or a .pth path")
+    # input pipeline for image fine-tuning (num_workers and pin_memory serve every dataset; batches do not depend on them)
+    image_cache: bool = key(False, "textcaps: decode each image once into a uint8 memory map of side image_cache_size under "
+                                   "feature_cache_dir; training reads it at memory speed (for fine-tuning)")
+    image_cache_size: int | None = key(None, "textcaps: side of the cached images, at least image_size (null = image_size, "
+                                             "or image_size x 8/7 with augment: 256 for 224)", low=8)
+    augment: bool = key(False, "textcaps: random resized crop + horizontal flip of training images on the training device, "
+                               "seeded by seed and step (evaluation is never augmented)")
+    augment_min_scale: float = key(0.25, "textcaps: smallest crop area of augment, as a fraction of the image", low=0.0,
+                                   high=1.0, low_open=True)
+    num_workers: int = key(0, "worker processes that prepare training batches while the model computes; 0 = in the "
+                              "training thread", low=0, high=64)
+    pin_memory: bool | None = key(None, "page-locked training batches for faster copies to CUDA (null = when the device "
+                                        "is CUDA; true needs CUDA)")
     # --- end data keys ---
 
     # --- model ---
@@ -149,7 +162,10 @@ class Config(*algorithm_key_blocks()):
 
     # --- anchors ---
     anchor_eps: float = key(1e-4, "ridge epsilon in S = L L^T + eps I; >= 1e-10 so S's float64 Cholesky factor exists at the norm clip", low=1e-10)
-    anchor_covariance: str = key("full", "anchor covariance", choices=("full", "diagonal"))
+    anchor_covariance: str = key("full", "anchor covariance: full (S = L L^T + eps I, a k x k factor per class), "
+                                         "lowrank (S = U U^T + diag(d) + eps I, U of k x anchor_rank) or diagonal",
+                                 choices=("full", "lowrank", "diagonal"))
+    anchor_rank: int = key(16, "lowrank anchors: rank r of U (1..latent_dim)", low=1)
     anchor_targets: str = key("learned", "learned anchors, or random_fixed: random means and covariances drawn once "
                                          "from the run's seed and never trained (a fixed-target control)",
                               choices=("learned", "random_fixed"))
@@ -178,7 +194,8 @@ class Config(*algorithm_key_blocks()):
     nesterov: bool = key(False, "SGD Nesterov momentum")
     grad_clip: float = key(1.0, "gradient-norm clip; 0 = off", low=0.0)
     batch_size: int = key(32, "samples per batch over all groups", low=1)
-    eval_batch_size: int = key(512, "samples per evaluation batch", low=1)
+    eval_batch_size: int | None = key(None, "samples per evaluation batch; null = by device: 128 on CPU (CNN "
+                                            "evaluation throughput halves from 128 to 1024 there), 1024 otherwise", low=1)
     epochs: int = key(10, "training epochs, at most 100000", low=1, high=100_000)
     freeze_backbone_epochs: int = key(0, "epochs with backbone parameters frozen (at most epochs)", low=0)
 
@@ -259,6 +276,9 @@ class Config(*algorithm_key_blocks()):
                                   f"allowed: 0..epochs (raise epochs or lower {name})")
 
     def _check_conflicts(self) -> None:
+        if self.anchor_covariance == "lowrank" and self.anchor_rank > self.latent_dim:
+            raise ConfigError(f"key 'anchor_rank' has value {self.anchor_rank} but latent_dim is {self.latent_dim}; "
+                              f"allowed: 1..latent_dim (1..{self.latent_dim}) for anchor_covariance 'lowrank'")
         has_linear_keys = self.lr_start is not None or self.lr_end is not None
         if self.lr_scheduler == "linear" and (self.lr_start is None or self.lr_end is None):
             raise ConfigError("lr_scheduler 'linear' needs both lr_start and lr_end "
@@ -321,6 +341,9 @@ class Config(*algorithm_key_blocks()):
         elif self.anchor_targets == "random_fixed" and self.lambda_sep > 0 and self.sep_method == "w2_margin":
             rules.append((("lambda_sep", "sep_margin"), "sep_method 'w2_margin' moves only the anchors, which "
                                                         "anchor_targets 'random_fixed' holds fixed"))
+        if self.anchor_covariance != "lowrank":
+            rules.append((("anchor_rank",), "only anchor_covariance 'lowrank' reads it "
+                                            f"(anchor_covariance is {self.anchor_covariance!r})"))
         if self.head_hidden == 0:
             rules.append((("head_dropout",), "head_hidden is 0 (a linear head has no dropout)"))
         if self.optimizer != "sgd":
@@ -361,7 +384,16 @@ class Config(*algorithm_key_blocks()):
             if self.textcaps_class_names is not None:
                 rules.append((("textcaps_num_classes",), "textcaps_class_names lists the classes"))
             if not self.feature_cache:
-                rules.append((("feature_cache_dir", "feature_backbone_weights"), "feature_cache is false"))
+                rules.append((("feature_backbone_weights",), "feature_cache is false"))
+                if not self.image_cache:
+                    rules.append((("feature_cache_dir",), "feature_cache and image_cache are false"))
+            else:
+                rules.append((("image_cache", "image_cache_size", "augment", "augment_min_scale"),
+                              "feature_cache is true (the visual group reads features, not images)"))
+            if not self.image_cache:
+                rules.append((("image_cache_size",), "image_cache is false"))
+            if not self.augment:
+                rules.append((("augment_min_scale",), "augment is false"))
             if self.textcaps_source != "local":
                 rules.append((("textcaps_image_dir",), f"textcaps_source is {self.textcaps_source!r}"))
         return rules

@@ -284,6 +284,11 @@ class ExperimentResult(StudyResult):
             q = self.final_q_table(setting.name)
             if not q.empty:
                 lines += ["### GroupDRO weights at the selected epoch (mean ± std over runs)", "", markdown_table(q), ""]
+            lines += ["### Diagnostics (validation; `—`: the arm has no anchors / no q)", "",
+                      "W₂ of each group's class-conditional latents to the class anchor and between the groups of a "
+                      "class, at the selected epoch; the largest distance of GroupDRO's q from its start (below 0.01: "
+                      "GroupDRO never acted); runs whose selected epoch lies inside a warm-up.", "",
+                      markdown_table(self.diagnostics_table(setting.name)), ""]
         lines += ["## Cost and checkpoints", "", markdown_table(self.cost_table()), "",
                   f"Per run: mean {timing['per_run_mean_s']:.2f} s (min {timing['per_run_min_s']:.2f}, "
                   f"max {timing['per_run_max_s']:.2f}); summed over the {timing['runs']} runs: "

@@ -48,11 +48,14 @@ def export_html(notebook: str | Path, html: str | Path | None = None) -> Path:
     """Export an executed notebook to HTML that needs no network and no kernel (default: beside it, ``.html``)."""
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     notebook = Path(notebook)
     html = Path(html) if html is not None else notebook.with_suffix(".html")
     exporter = HTMLExporter(template_name="lab", template_file=OFFLINE_TEMPLATE,
                             extra_loaders=[DictLoader({OFFLINE_TEMPLATE: OFFLINE_TEMPLATE_SOURCE})])
+    # a progress bar's frames (text ended by \r) show as the last frame, as in JupyterLab, not all of them
+    exporter.register_preprocessor(CoalesceStreamsPreprocessor, enabled=True)
     body, _ = exporter.from_notebook_node(offline_notebook(nbformat.read(notebook, as_version=4)))
     html.write_text(body, encoding="utf-8")
     return html

@@ -11,7 +11,7 @@ from tdro.runs import read_jsonl
 from tdro.training.trainer import Trainer, resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"epoch_seconds", "samples_per_second", "peak_memory_mb", "wall_seconds"}
+TIMING_KEYS = {"epoch_seconds", "samples_per_second", "peak_memory_mb", "run_memory_mb", "wall_seconds"}
 SMALL = {"progress": False, "batch_size": 64, "latent_dim": 8, "head_hidden": 0, "latent_samples_per_group": 0,
          "log_interval": 2}
 
@@ -44,7 +44,7 @@ def assert_exact_resume(tmp_path: Path, epochs: int = 3, stop_after: int = 1, **
     trainer.start()
     try:
         def stop(record: dict) -> None:
-            if record["epoch"] + 1 == stop_after:
+            if record["epoch"] == stop_after:
                 raise KeyboardInterrupt
         trainer.on_epoch = stop
         try:
@@ -61,4 +61,5 @@ def assert_exact_resume(tmp_path: Path, epochs: int = 3, stop_after: int = 1, **
     for split in ("val", "test"):
         assert resumed.summary[split] == straight.summary[split]
     assert resumed.summary["algorithm_records"] == straight.summary["algorithm_records"]
+    assert resumed.summary["diagnostics"] == straight.summary["diagnostics"]
     return straight.summary

@@ -178,7 +178,7 @@ def test_dataset_specific_keys_cover_the_data_block_once():
     assert len(owned) == len(set(owned)) and set(owned) <= data_keys
     assert data_keys - set(owned) == {"dataset", "data_root", "download", "data_split_seed", "val_frac", "test_frac",
                                       "batching", "majority_frac", "group_max_train_samples",
-                                      "only_groups"}
+                                      "only_groups", "num_workers", "pin_memory"}
     assert set(LAYOUT_KEYS) <= set(DATASET_KEYS["mnist_usps"])
 
 

@@ -90,6 +90,12 @@ ELSEWHERE = {
     "feature_cache": "test_data_textcaps.py::test_feature_cache_computed_once_and_keyed",
     "feature_cache_dir": "test_data_textcaps.py::test_feature_cache_computed_once_and_keyed",
     "feature_backbone_weights": "test_feature_backbone_weights_path_takes_effect below",
+    "image_cache": "test_image_pipeline.py::test_the_image_cache_is_built_once_keyed_by_files_and_size_and_matches_decoding",
+    "image_cache_size": "test_image_pipeline.py::test_the_image_cache_is_built_once_keyed_by_files_and_size_and_matches_decoding",
+    "augment": "test_image_pipeline.py::test_augmentation_crops_and_flips_each_image_by_seed_and_step_and_leaves_evaluation_alone",
+    "augment_min_scale": "test_image_pipeline.py::test_augmentation_crops_and_flips_each_image_by_seed_and_step_and_leaves_evaluation_alone",
+    "num_workers": "test_image_pipeline.py::test_seed_baseline_fine_tuning_on_the_fixture_with_workers_resumes_exactly_after_a_sigkill",
+    "pin_memory": "test_image_pipeline.py::test_num_workers_and_pin_memory_are_validated_and_plain_batches_need_no_loader",
 }
 
 

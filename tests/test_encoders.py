@@ -199,3 +199,26 @@ def test_fusion_encodes_an_image_caption_pair_with_the_visual_trunk_as_backbone(
     cached = create_encoder("fusion", K, {"feature_dim": 512, "vocab_size": 50, "max_len": 16}, text_encoder="char_cnn_text")
     assert cached((torch.randn(2, 512), torch.randint(0, 50, (2, 16)))).shape == (2, K)
     assert cached.backbone is None
+
+
+@pytest.mark.parametrize("shape, pool_size, pooled", [((4, 1, 28, 28), 7, False), ((4, 1, 8, 8), 2, False),
+                                                      ((4, 1, 32, 32), 7, True), ((4, 3, 20, 24), 2, True)])
+def test_cnn_channels_last_and_skipped_pool_match_the_contiguous_network(shape, pool_size, pooled):
+    """The fast layout (channels-last, no-op adaptive pool skipped) gives the contiguous network's values and gradients."""
+    torch.manual_seed(0)
+    encoder = create_encoder("cnn", K, {"in_channels": shape[1]}, pool_size=pool_size)
+    reference = create_encoder("cnn", K, {"in_channels": shape[1]}, pool_size=pool_size)
+    reference.load_state_dict(encoder.state_dict())
+    reference.to(memory_format=torch.contiguous_format)
+    conv = encoder.net[3].weight  # the second conv (the first one's 1-channel weight is both layouts at once)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    calls = []
+    encoder.net[-3].register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(shape)
+    got, want = encoder(x), reference.net(x)  # the Sequential as it was: every layer, NCHW
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert bool(calls) is pooled
+    got.square().sum().backward()
+    want.square().sum().backward()
+    for (name, a), b in zip(encoder.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -190,7 +190,10 @@ def test_the_experiment_notebook_runs_under_papermill(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Unable to parse" not in done.stderr and "unknown parameter" not in done.stderr
     report = (reports / "heart-smoke.md").read_text()
-    assert "SMOKE RUN" in report and "Setting: uncapped" in report
+    assert "SMOKE RUN" in report and "Setting: uncapped" in report and "### Diagnostics" in report
+    figures = sorted(p.name for p in (tmp_path / "runs" / "heart-smoke" / "figures").iterdir())
+    assert figures == sorted(f"{kind}_{setting}.{fmt}" for kind in ("paired", "q") for setting in ("uncapped", "capped")
+                             for fmt in ("png", "pdf"))
     notebook = json.loads(out.read_text())
     assert not any(o.get("output_type") == "error" for c in notebook["cells"] for o in c.get("outputs", []))
 

@@ -120,7 +120,11 @@ def test_train_notebook_trains_and_renders(tmp_path, kernel):
     for name in ("config.yaml", "history.jsonl", "steps.jsonl", "summary.json", "latents/epoch_001.npz"):
         assert (run / name).is_file(), name
     assert len((run / "history.jsonl").read_text().splitlines()) == 2
-    assert png_count(nb) == 7  # losses, group accuracy, weights, LR, latent view, latent epochs, confusions
+    assert png_count(nb) == 9  # selection, alignment, losses, group accuracy, weights, LR, latent view, latent epochs,
+    # confusions
+    markdown = [o["data"]["text/markdown"] for o in outputs(nb, "text/markdown")]
+    assert any("Selected epoch" in text for text in markdown)  # the diagnostics note
+    assert {p.name for p in (run / "figures").iterdir()} >= {"selection.png", "alignment.pdf"}
     tables = outputs(nb, "text/html")
     assert any("worst-group acc" in o["data"]["text/html"] for o in tables)  # the summary table
     assert any("peak memory (MB)" in o["data"]["text/html"] for o in tables)
@@ -172,7 +176,7 @@ def test_train_notebook_rerenders_a_finished_run_without_training(tmp_path, kern
     before = sorted((tmp_path / "runs").iterdir())
     nb = execute("train", tmp_path / "b.ipynb", kernel, render_run=str(tmp_path / "runs" / "r"))
     assert sorted((tmp_path / "runs").iterdir()) == before
-    assert png_count(nb) == 7
+    assert png_count(nb) == 9
     changed = next(o["data"]["text/html"] for o in outputs(nb, "text/html") if "changed from the default" in
                    o["data"]["text/html"])
     assert "run_name" in changed and "digits_sizes" in changed  # the run's own config, as it was trained
@@ -205,6 +209,8 @@ def test_phase_notebooks_measure_every_arm(phases, name):
     html = "".join(o["data"]["text/html"] for o in outputs(nb, "text/html"))
     assert "expected impact (seed)" in html and "Δ worst-group acc [95% CI]" in html
     assert png_count(nb) == 3  # impact, arm curves, GroupDRO weights per arm
+    assert sorted(p.name for p in (out / name / "figures").iterdir()) == sorted(  # also as files, for papers
+        f"{figure}.{fmt}" for figure in ("impact", "arm_curves", "arm_weights") for fmt in ("png", "pdf"))
     assert Config.load([out / name / "chosen.yaml"]).dataset == "digits"
     if name == "phase1_quick_wins":
         assert impact.loc["char_cnn_text", "status"] == "not applicable"
@@ -234,8 +240,13 @@ def test_phase_notebook_reexecution_only_reuses(phases, tmp_path, kernel):
 @pytest.mark.slow
 def test_compare_notebook_dashboard_state(phases, tmp_path, kernel):
     out, _ = phases
-    nb = execute("compare", tmp_path / "compare.ipynb", kernel, runs_root=str(out), max_runs=4)
+    figures = tmp_path / "compare" / "figures"
+    figures.parent.mkdir()
+    nb = execute("compare", tmp_path / "compare" / "compare.ipynb", kernel, runs_root=str(out), max_runs=4,
+                 figures_dir=str(figures))
     assert png_count(nb) == 2  # static curves and weights above the dashboard
+    assert sorted(p.name for p in figures.iterdir()) == ["group_weights.pdf", "group_weights.png",
+                                                         "metric_curves.pdf", "metric_curves.png"]
     models = widget_models(nb)
     select = [m for m in models if m["model_name"] == "SelectMultipleModel"]
     assert len(select) == 1

@@ -25,7 +25,7 @@ from tdro.training.checkpoint import CheckpointError, load_checkpoint
 from tdro.training.trainer import NonFiniteLossError, Trainer, resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"epoch_seconds", "samples_per_second", "peak_memory_mb"}
+TIMING_KEYS = {"epoch_seconds", "samples_per_second", "peak_memory_mb", "run_memory_mb"}
 OVERRIDES = {"progress": False, "epochs": 3, "batch_size": 64, "latent_dim": 8, "head_hidden": 0,
              "groupdro_enabled": True, "groupdro_warmup_epochs": 1, "lambda_fit": 0.1, "lambda_sep": 0.1, "log_interval": 4,
              "latent_samples_per_group": 0}
@@ -114,7 +114,7 @@ def assert_same_records(run: Path, reference: Path) -> None:
     assert without_timing(read_jsonl(run / "history.jsonl")) == without_timing(read_jsonl(reference / "history.jsonl"))
     assert read_jsonl(run / "steps.jsonl") == read_jsonl(reference / "steps.jsonl")
     ours, theirs = (json.loads((p / "summary.json").read_text()) for p in (run, reference))
-    for key in ("val", "test", "selected_epoch", "epochs_run", "final_q"):
+    for key in ("val", "test", "selected_epoch", "epochs_run", "final_q", "initial_q", "diagnostics"):
         assert ours[key] == theirs[key], key
 
 
@@ -124,8 +124,8 @@ def test_kills_between_records_and_checkpoints_inside_resume_and_before_the_summ
     run = tmp_path / "runs" / "killed"
 
     killed(cli(*train_arguments(tmp_path, "killed"), kill_at="between_record_and_checkpoint:2"))
-    assert epochs_of(run / "history.jsonl") == [0, 1, 2], "epoch 2's record is on disk, its checkpoint is not"
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert epochs_of(run / "history.jsonl") == [1, 2, 3], "epoch 3's record is on disk, its checkpoint is not"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1, "the 0-based counter of epoch 2"
     history, steps = ((run / name).read_bytes() for name in ("history.jsonl", "steps.jsonl"))
 
     for point in ("mid_rewrite:history.jsonl", "before_rename:history.jsonl"):
@@ -134,10 +134,10 @@ def test_kills_between_records_and_checkpoints_inside_resume_and_before_the_summ
     for point in ("mid_rewrite:steps.jsonl", "before_rename:steps.jsonl"):
         killed(cli("train", "--resume", str(run), kill_at=point))
         assert (run / "steps.jsonl").read_bytes() == steps, f"killed at {point}: steps.jsonl changed"
-        assert epochs_of(run / "history.jsonl") == [0, 1], "history.jsonl was rewritten whole: epoch 2 is redone"
+        assert epochs_of(run / "history.jsonl") == [1, 2], "history.jsonl was rewritten whole: epoch 3 is redone"
 
     killed(cli("train", "--resume", str(run), kill_at="before_summary"))
-    assert epochs_of(run / "history.jsonl") == [0, 1, 2]
+    assert epochs_of(run / "history.jsonl") == [1, 2, 3]
     assert not (run / "summary.json").exists()
 
     done = cli("train", "--resume", str(run))
@@ -147,7 +147,7 @@ def test_kills_between_records_and_checkpoints_inside_resume_and_before_the_summ
 
 @pytest.mark.slow
 def test_a_run_that_stopped_early_and_was_killed_before_its_summary_does_not_train_on(tmp_path):
-    """lr 1e-12: validation never improves after epoch 0, so patience 1 stops after epoch 1 of 8."""
+    """lr 1e-12: validation never improves after epoch 1, so patience 1 stops after epoch 2 of 8."""
     stopping = {"epochs": 8, "early_stopping_patience": 1, "lr": 1e-12}
     reference = train(Config(output_dir=str(tmp_path / "runs"), run_name="reference", **{**OVERRIDES, **stopping}))
     assert reference.summary["epochs_run"] == 2
@@ -155,7 +155,7 @@ def test_a_run_that_stopped_early_and_was_killed_before_its_summary_does_not_tra
     killed(cli(*train_arguments(tmp_path, "killed", **stopping), kill_at="before_summary"))
     done = cli("train", "--resume", str(run))
     assert done.returncode == 0, done.stderr
-    assert epochs_of(run / "history.jsonl") == [0, 1]
+    assert epochs_of(run / "history.jsonl") == [1, 2]
     assert_same_records(run, reference.run_dir)
 
 
@@ -304,7 +304,7 @@ def test_a_nan_gradient_with_a_finite_loss_is_skipped_and_never_saved(tmp_path):
     state = {"steps": 0}
 
     def nan_gradient(gradient: torch.Tensor) -> torch.Tensor:
-        """The loss stays finite; from epoch 1 on, the head's weight gradient is NaN (in epoch 0 once)."""
+        """The loss stays finite; from the second epoch on, the head's weight gradient is NaN (in the first once)."""
         state["steps"] += 1
         return gradient * float("nan") if trainer.epoch >= 1 or state["steps"] == 2 else gradient
 
@@ -343,7 +343,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again_with
     trainer.close()
     assert (trainer.run_dir / "config.yaml").exists() and not (trainer.run_dir / "checkpoints").exists()
     assert train(config).summary["epochs_run"] == 1
-    assert epochs_of(trainer.run_dir / "history.jsonl") == [0]
+    assert epochs_of(trainer.run_dir / "history.jsonl") == [1]
     with pytest.raises(FileExistsError, match="already holds a run"):
         train(config)
     with pytest.raises(FileExistsError, match="already holds a run"):

@@ -249,6 +249,10 @@ def test_one_spec_format_and_one_results_object_for_phases_and_experiments(tmp_p
         paired = result.paired_numbers(setting)
         assert paired.loc["wide", "diff"] == pytest.approx(diff) and paired.loc["wide", "pairs"] == 2
     assert set(result.cost_table().index.get_level_values("setting")) == {"plain", "cells"}
+    diagnostics = result.diagnostics_table("plain")
+    assert list(diagnostics.index) == ["latent 4", "latent 8"]
+    assert diagnostics.loc["latent 8", "W₂ to anchors (selected)"] != "—"  # anchors (default λ) were measured
+    assert diagnostics.loc["latent 8", "q moved (runs)"] == "—"  # ERM has no q
 
 
 @pytest.mark.parametrize("extra, message", [

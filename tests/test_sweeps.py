@@ -191,10 +191,10 @@ def test_a_seed_makes_a_single_worker_sweep_reproducible(tiny_sweep, tmp_path):
 def test_pruned_trials_stop_training_and_keep_their_records(tmp_path):
     space = SearchSpace.load(write_space(tmp_path))
     sweep = create_sweep(space, "pruned", sweeps_dir=tmp_path / "sweeps")
-    sweep.optimize(2, pruner=optuna.pruners.ThresholdPruner(lower=1.01))  # accuracy < 1.01 always: pruned at epoch 0
+    sweep.optimize(2, pruner=optuna.pruners.ThresholdPruner(lower=1.01))  # accuracy < 1.01 always: pruned at epoch 1
     for trial in sweep.study.get_trials():
         assert trial.state == optuna.trial.TrialState.PRUNED
-        assert list(trial.intermediate_values) == [0]
+        assert list(trial.intermediate_values) == [1]  # epochs count from 1
         run_dir = Path(trial.user_attrs["run_dir"])
         assert len(read_jsonl(run_dir / "history.jsonl")) == 1, "training stopped after the pruned epoch (of 2)"
         assert not (run_dir / "summary.json").exists()

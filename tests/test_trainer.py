@@ -19,7 +19,7 @@ from tdro.training.trainer import NonFiniteLossError, Trainer, resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-TIMING_KEYS = {"epoch_seconds", "samples_per_second", "peak_memory_mb"}
+TIMING_KEYS = {"epoch_seconds", "samples_per_second", "peak_memory_mb", "run_memory_mb"}
 
 
 def tiny(tmp_path: Path, **overrides) -> Config:
@@ -40,7 +40,7 @@ def test_digits_run_with_groupdro_and_anchors_learns_and_writes_complete_records
     run = result.run_dir
     assert Config.load([run / "config.yaml"]) == config
     history = read_jsonl(run / "history.jsonl")
-    assert [r["epoch"] for r in history] == list(range(6))
+    assert [r["epoch"] for r in history] == list(range(1, 7)), "epochs count from 1: epoch e = after e passes"
     groups = result.summary["groups"]
     for record in history:
         assert set(record["train"]) >= {"loss", "cls", "fit", "sep", "acc", "group_loss"}
@@ -55,14 +55,15 @@ def test_digits_run_with_groupdro_and_anchors_learns_and_writes_complete_records
     assert steps and all(s["q"] is not None for s in steps)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["selection_split"] == "val" and not summary["test_selection"]
-    assert summary["selected_epoch"] == max(range(6), key=lambda e: (history[e]["val"]["worst_group_acc"], -e))
-    assert summary["val"]["worst_group_acc"] == pytest.approx(history[summary["selected_epoch"]]["val"]["worst_group_acc"])
+    assert summary["selected_epoch"] == 1 + max(range(6), key=lambda e: (history[e]["val"]["worst_group_acc"], -e))
+    selected = next(r for r in history if r["epoch"] == summary["selected_epoch"])
+    assert summary["val"]["worst_group_acc"] == pytest.approx(selected["val"]["worst_group_acc"])
     assert summary["test"]["worst_group_acc"] > 0.5, "10 classes: chance is 0.1"
     assert summary["parameter_count"] > 0 and summary["wall_seconds"] > 0
-    latents = sorted((run / "latents").glob("epoch_*.npz"))
-    assert len(latents) == 6
+    latents = sorted(p.name for p in (run / "latents").glob("epoch_*.npz"))
+    assert latents == [f"epoch_{e:03d}.npz" for e in range(1, 7)]
     best = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert best["epoch"] == summary["selected_epoch"]
+    assert best["epoch"] + 1 == summary["selected_epoch"], "checkpoints keep the 0-based loop counter"
 
 
 def test_test_selection_is_refused_unless_allowed_and_then_labelled(tmp_path):
@@ -78,17 +79,18 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_the_checkpoin
     poisoned_steps = {"count": 0}
 
     def poison(module, inputs, output):
-        """Corrupt the head's output: from epoch 1 on every step, in epoch 0 only the second step."""
+        """Corrupt the head's output: from the second epoch on every step, in the first only the second step."""
         poisoned_steps["count"] += 1
         if trainer.epoch >= 1 or (module.training and poisoned_steps["count"] == 2):
             return output * float("nan")
         return output
 
     trainer.model.head.register_forward_hook(poison)
-    with pytest.raises(NonFiniteLossError, match=r"3 non-finite steps in a row .* at epoch 1"):
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite steps in a row .* at epoch 2, .*checkpoint is "
+                                                 r".*last.pt \(epoch 1\)"):
         trainer.fit()
     history = read_jsonl(trainer.run_dir / "history.jsonl")
-    assert [r["epoch"] for r in history] == [0]
+    assert [r["epoch"] for r in history] == [1]
     assert history[0]["nonfinite_steps"] == 1
     last = load_checkpoint(trainer.run_dir / "checkpoints" / "last.pt")
     assert last["epoch"] == 0
@@ -189,13 +191,13 @@ def test_on_epoch_sees_each_saved_record_and_can_stop_the_run(tmp_path):
     def on_epoch(record):
         seen.append(record["epoch"])
         assert (tmp_path / "runs" / "hooked" / "checkpoints" / "last.pt").exists()
-        if record["epoch"] == 1:
+        if record["epoch"] == 2:
             raise Stop
 
     with pytest.raises(Stop):
         train(tiny(tmp_path, epochs=4, run_name="hooked"), on_epoch=on_epoch)
-    assert seen == [0, 1]
-    assert [r["epoch"] for r in read_jsonl(tmp_path / "runs" / "hooked" / "history.jsonl")] == [0, 1]
+    assert seen == [1, 2]
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "runs" / "hooked" / "history.jsonl")] == [1, 2]
 
 
 def test_groupdro_over_group_class_cells_upweights_the_minority_cells(tmp_path):
@@ -216,7 +218,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
     summary = train(config).summary
     history = read_jsonl(result_dir(tmp_path) / "history.jsonl")
     assert [r["monitor"]["improved"] for r in history] == [True, False, False]
-    assert summary["epochs_run"] == 3 and summary["selected_epoch"] == 0
+    assert summary["epochs_run"] == 3 and summary["selected_epoch"] == 1
 
 
 def result_dir(tmp_path: Path) -> Path:
@@ -249,7 +251,7 @@ def test_val_loss_monitor_selects_the_lowest_validation_loss(tmp_path):
     summary = train(tiny(tmp_path, epochs=3, monitor="val_loss", progress=True)).summary
     history = read_jsonl(result_dir(tmp_path) / "history.jsonl")
     losses = [r["val"]["loss"] for r in history]
-    assert summary["selected_epoch"] == losses.index(min(losses))
+    assert summary["selected_epoch"] == 1 + losses.index(min(losses))
     assert summary["monitor_value"] == pytest.approx(min(losses))
 
 

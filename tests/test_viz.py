@@ -49,25 +49,28 @@ def write_run(root: Path, name: str, *, epochs: int = 3, groupdro: bool = True, 
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     keys = [f"{g}/{c}" for g in GROUPS for c in CLASSES] if cells else GROUPS
     step = 0
-    for epoch in range(epochs):
+    for index in range(epochs):
+        epoch = index + 1  # records count epochs from 1
         q = None
         if groupdro:
-            raw = np.linspace(1, 1 + epoch, len(keys))
+            raw = np.linspace(1, 1 + index, len(keys))
             q = dict(zip(keys, (raw / raw.sum()).tolist()))
         for _ in range(2):
             step += 1
             append_jsonl(run / "steps.jsonl", {"step": step, "epoch": epoch, "loss": 1.0 / step, "cls": 0.9 / step,
                                                "fit": 0.5, "sep": 0.2, "q": q})
-        lr = {"backbone": 1e-4 / (epoch + 1), "new": 1e-3 / (epoch + 1)} if backbone else {"new": 1e-3}
+        lr = {"backbone": 1e-4 / epoch, "new": 1e-3 / epoch} if backbone else {"new": 1e-3}
         append_jsonl(run / "history.jsonl", {
-            "epoch": epoch, "train": {"loss": 1.0 - 0.1 * epoch, "cls": 0.9 - 0.1 * epoch, "fit": 0.5, "sep": 0.2,
-                                      "acc": 0.5 + 0.1 * epoch, "group_loss": {"mnist": 0.8, "usps": 1.2}},
-            "q": q, "lr": lr, "val": metrics(epoch, worst="usps"), "epoch_seconds": 1.5,
-            "samples_per_second": 1000.0 + 100 * epoch, "peak_memory_mb": 100.0 + 10 * epoch, "steps": 2,
-            "nonfinite_steps": 0, "monitor": {"name": "val_worst_group_acc", "value": 0.5, "improved": True}})
+            "epoch": epoch, "train": {"loss": 1.0 - 0.1 * index, "cls": 0.9 - 0.1 * index, "fit": 0.5, "sep": 0.2,
+                                      "acc": 0.5 + 0.1 * index, "group_loss": {"mnist": 0.8, "usps": 1.2}},
+            "q": q, "lr": lr, "val": metrics(index, worst="usps"), "epoch_seconds": 1.5,
+            "samples_per_second": 1000.0 + 100 * index, "peak_memory_mb": 100.0 + 10 * index, "steps": 2,
+            "nonfinite_steps": 0, "monitor": {"name": "val_worst_group_acc", "value": 0.5 + 0.1 * index, "improved": True},
+            "alignment": {"to_anchor": {"mnist": 2.0 - 0.1 * index, "usps": 3.0 - 0.2 * index},
+                          "between_groups": {"mnist|usps": 1.5 - 0.1 * index}}})
         if latents:
             (run / "latents").mkdir(exist_ok=True)
-            rng = np.random.default_rng(epoch)
+            rng = np.random.default_rng(index)
             np.savez_compressed(
                 run / "latents" / f"epoch_{epoch:03d}.npz", points=rng.normal(size=(30, 2)),
                 labels=np.arange(30) % 3, groups=(np.arange(30) >= 20).astype(int),
@@ -76,11 +79,16 @@ def write_run(root: Path, name: str, *, epochs: int = 3, groupdro: bool = True, 
                 group_names=np.array(GROUPS), class_names=np.array(CLASSES), explained_variance=np.array([0.6, 0.3]))
     if finished:
         write_json_atomic(run / "summary.json", {
-            "run_id": name, "selected_epoch": 1, "monitor": "val_worst_group_acc", "monitor_value": 0.5,
+            "run_id": name, "selected_epoch": 2, "monitor": "val_worst_group_acc", "monitor_value": 0.6,
             "selection_split": "val", "test_selection": False, "epochs_run": epochs,
             "val": metrics(10, worst="usps"), "test": metrics(11, worst="usps"), "wall_seconds": 12.5,
             "parameter_count": 1234, "device": "cpu", "groups": GROUPS, "classes": CLASSES,
-            "config_hash": "abc"})
+            "config_hash": "abc", "initial_q": dict.fromkeys(keys, 1 / len(keys)) if groupdro else None,
+            "diagnostics": {"groupdro_warmup_epochs": 1, "selected_in_warmup": False, "selected_in_warmup_of": None,
+                            "q_max_deviation": 0.2 if groupdro else None, "q_deviation_selected": 0.1 if groupdro else None,
+                            "q_moved": True if groupdro else None, "alignment_to_anchor_first": 2.5,
+                            "alignment_to_anchor_selected": 2.35, "alignment_between_groups_first": 1.5,
+                            "alignment_between_groups_selected": 1.4}})
     if phase:
         (run / "study.json").write_text(json.dumps(phase))
     return run
@@ -160,8 +168,8 @@ def test_ellipse_parameters_are_two_sigma_axes():
 
 
 def test_latent_view_marks_groups_and_draws_anchor_ellipses(run_dir):
-    snapshot = viz.load_latents(run_dir)  # default: the selected epoch (1)
-    assert snapshot.epoch == 1 and snapshot.group_names == GROUPS and snapshot.class_names == CLASSES
+    snapshot = viz.load_latents(run_dir)  # default: the selected epoch (2)
+    assert snapshot.epoch == 2 and snapshot.group_names == GROUPS and snapshot.class_names == CLASSES
     ax = viz.plot_latents(snapshot).axes[0]
     ellipses = [p for p in ax.patches if isinstance(p, Ellipse)]
     assert len(ellipses) == 3
@@ -170,7 +178,7 @@ def test_latent_view_marks_groups_and_draws_anchor_ellipses(run_dir):
     groups = [c for c in ax.collections if c.get_label().startswith("group ")]
     assert [len(c.get_offsets()) for c in groups] == [20, 10]
     assert "60%" in ax.get_xlabel()
-    assert viz.latent_epochs(run_dir) == [0, 1, 2]
+    assert viz.latent_epochs(run_dir) == [1, 2, 3]
     with pytest.raises(FileNotFoundError, match="no latent snapshot for epoch 7"):
         viz.load_latents(run_dir, 7)
 
@@ -199,7 +207,7 @@ def test_run_tables(run_dir):
     assert table.loc["test", "worst group"] == "usps"
     assert table.loc["val", "acc usps"] == summary["val"]["group_acc"]["usps"]
     facts = viz.run_facts(run_dir)
-    assert facts["selected epoch"] == 2  # epoch 1 (0-based) shown from 1
+    assert facts["selected epoch"] == 2  # as summary.json says: records and figures count epochs from 1
     assert facts["peak memory (MB)"] == 120.0
     assert facts["samples/s (mean)"] == pytest.approx(1100.0)
     assert facts["wall time (s)"] == 12.5
@@ -272,14 +280,14 @@ def test_latent_animation_embeds_every_frame_and_needs_no_network(tmp_path, run_
 # ------------------------------------------------------------------------------------------- widgets
 def test_latent_explorer_steps_through_epochs(run_dir):
     explorer = viz.LatentExplorer(run_dir)
-    assert [value for _, value in explorer.slider.options] == [0, 1, 2]
-    assert explorer.slider.value == 1  # starts at the selected epoch
+    assert explorer.slider.options == (("1", 1), ("2", 2), ("3", 3))  # labels and files both count from 1
+    assert explorer.slider.value == 2  # starts at the selected epoch
     first = explorer.image.value
     assert first[:8] == b"\x89PNG\r\n\x1a\n"
-    explorer.slider.value = 2
+    explorer.slider.value = 3
     assert explorer.image.value != first
-    explorer.play.value = 0
-    assert explorer.slider.value == 0
+    explorer.play.value = 0  # Play counts frames from 0: the first recorded epoch
+    assert explorer.slider.value == 1
 
 
 def test_views_say_what_they_are_without_a_kernel(monkeypatch, tmp_path, run_dir):
@@ -409,3 +417,37 @@ def test_refresh_parameters_cell_restores_config_defaults(tmp_path):
     values = {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(source).body if isinstance(n, ast.Assign)}
     assert values["lr"] == Config().lr and values["render_run"] == "" and values["parameters_file"] == []
     assert refresh_parameters_cell(path) is False
+
+
+# ------------------------------------------------------------------------------------------- diagnostics
+def test_alignment_figure_one_line_per_group_in_its_colour_and_one_per_pair(tmp_path, run_dir):
+    left, right = viz.plot_alignment(run_dir).axes
+    history = load_run(run_dir).history
+    lines = {line.get_label(): line for line in left.lines if not line.get_label().startswith("_")}
+    np.testing.assert_allclose(lines["usps"].get_ydata(), history["alignment.to_anchor.usps"])
+    np.testing.assert_allclose(lines["usps"].get_xdata(), [1, 2, 3])
+    expected = {g: c.upper() for g, c in viz.group_colors(GROUPS).items()}
+    assert line_colors(left) == expected
+    assert [line.get_label() for line in right.lines if not line.get_label().startswith("_")] == ["mnist vs usps"]
+    old = write_run(tmp_path, "old")
+    history_path = old / "history.jsonl"
+    history_path.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "alignment"}) + "\n"
+                                    for line in history_path.read_text().splitlines()))
+    assert "predates the diagnostics" in viz.plot_alignment(old).axes[0].texts[0].get_text()
+
+
+def test_selection_figure_marks_the_selected_epoch_and_the_warmup(run_dir):
+    fig = viz.plot_selection(run_dir)
+    ax = fig.axes[0]
+    star = next(line for line in ax.lines if line.get_label() == "selected: epoch 2")
+    assert list(star.get_xdata()) == [2] and star.get_ydata()[0] == pytest.approx(0.6)
+    assert "groupdro_warmup_epochs = 1" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert ax.get_title() == "Selection: epoch 2 of 3 by val_worst_group_acc"
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["diagnostics"].update(selected_in_warmup=True, selected_in_warmup_of="groupdro_warmup_epochs")
+    summary_path.write_text(json.dumps(summary))
+    assert "WITHIN THE WARM-UP (groupdro_warmup_epochs)" in viz.plot_selection(run_dir).axes[0].get_title()
+    note = viz.diagnostics_note(run_dir).data
+    assert note.startswith("- Selected epoch **2** of 3 by `val_worst_group_acc`")
+    assert "WARNING: the selected epoch 2 lies within the warm-up" in note and "weights moved from uniform" in note

@@ -82,11 +82,15 @@ class Algorithm:
     ``reads`` lists keys declared by other algorithms that this one reads too; ``batching`` is
     the sampler it needs (None = the config's). Its state for an exact resume is
     ``state_dict()``; a step that turns out non-finite is undone by ``load_state_dict``.
+    ``distributed`` says how it runs over several processes (torchrun): "exact" when its loss and
+    hooks only read ``BatchLosses`` (the trainer gathers the global batch, so every rank sees the
+    single-process tensors), "unsupported" (refused there) for one that keeps per-process data.
     """
 
     Keys: ClassVar[type | None] = None
     reads: ClassVar[tuple[str, ...]] = ()
     batching: ClassVar[str | None] = None
+    distributed: ClassVar[str] = "exact"
 
     def __init__(self, config: Config, grouper: Grouper) -> None:
         self.config = config

@@ -34,6 +34,10 @@ class InputStore:
     def subset(self, positions: Sequence[int] | torch.Tensor) -> "InputStore":  # pragma: no cover
         raise NotImplementedError
 
+    def train_batch(self, index: torch.Tensor) -> Any:
+        """What a training batch reads: ``self[index]``, or a cheaper form (uint8 images) the trainer finishes on the device."""
+        return self[index]
+
 
 class PairStore(InputStore):
     """Two aligned inputs of the same samples (image and caption): ``store[idx] -> (a[idx], b[idx])``."""
@@ -52,6 +56,9 @@ class PairStore(InputStore):
     def subset(self, positions: Sequence[int] | torch.Tensor) -> "PairStore":
         return PairStore(take(self.first, positions), take(self.second, positions))
 
+    def train_batch(self, index: torch.Tensor) -> tuple[Any, Any]:
+        return train_inputs(self.first, index), train_inputs(self.second, index)
+
     def to(self, device: torch.device | str) -> "PairStore":
         return PairStore(move(self.first, device), move(self.second, device))
 
@@ -62,6 +69,11 @@ def take(x: Any, positions: Sequence[int] | torch.Tensor) -> Any:
     if isinstance(x, torch.Tensor):
         return x[positions.to(x.device)]
     return x.subset(positions)
+
+
+def train_inputs(x: Any, index: torch.Tensor) -> Any:
+    """A training batch's inputs: rows of a tensor, or the store's ``train_batch``."""
+    return x[index] if isinstance(x, torch.Tensor) else x.train_batch(index)
 
 
 def batch_to_device(x: torch.Tensor | tuple, device: torch.device) -> torch.Tensor | tuple:

@@ -10,8 +10,10 @@ import math
 from typing import Iterator, Sequence
 
 import torch
+import torch.utils.data
 
-from tdro.data.base import GroupedDataset, SPLITS
+from tdro.data.base import GroupedDataset, SPLITS, train_inputs
+from tdro.keys import ConfigError
 
 MODES = ("proportional", "balanced")
 
@@ -104,21 +106,122 @@ class GroupStratifiedBatches:
         self._streams[name] = stream[length:]
         return stream[:length]
 
-    def __iter__(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def epoch_orders(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Draw the next epoch's sample order: per group, (num_batches, quota) positions for x and for y."""
         orders = {}
         for name, split in self.splits.items():
             order = self._draw(name, self.num_batches * self.quotas[name]).view(self.num_batches, -1)
             # one transfer per epoch when the data live on an accelerator
             x_order = order.to(split.x.device) if isinstance(split.x, torch.Tensor) else order
             orders[name] = (x_order, order.to(split.y.device))
+        return orders
+
+    def gather(self, positions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """One batch from its positions per group (a row of ``epoch_orders``)."""
+        batch = {}
+        for name, (x_positions, y_positions) in positions.items():
+            split = self.splits[name]
+            batch[name] = (train_inputs(split.x, x_positions), split.y[y_positions])
+            if self.with_index:
+                batch[name] += (y_positions,)
+        return batch
+
+    def batch_positions(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """The next epoch's batches as positions per group; the order is drawn when iteration starts."""
+        orders = self.epoch_orders()
         for b in range(self.num_batches):
-            batch = {}
-            for name, split in self.splits.items():
-                x_order, y_order = orders[name]
-                batch[name] = (split.x[x_order[b]], split.y[y_order[b]])
-                if self.with_index:
-                    batch[name] += (y_order[b],)
-            yield batch
+            yield {name: (x_order[b], y_order[b]) for name, (x_order, y_order) in orders.items()}
+
+    def __iter__(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        for positions in self.batch_positions():
+            yield self.gather(positions)
+
+
+class _BatchPositions(torch.utils.data.Sampler):
+    """The DataLoader's sampler: each epoch's batch positions, drawn in the main process when an epoch starts."""
+
+    def __init__(self, batches: GroupStratifiedBatches) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        return self.batches.batch_positions()
+
+
+class _Gatherer(torch.utils.data.Dataset):
+    """What a worker runs: positions of one batch -> the batch (decoding images, reading the cache)."""
+
+    def __init__(self, batches: GroupStratifiedBatches) -> None:
+        self.batches = batches
+
+    def __getitem__(self, positions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        return self.batches.gather(positions)
+
+
+class PrefetchBatches:
+    """``GroupStratifiedBatches`` whose batches are prepared ahead in ``num_workers`` worker processes.
+
+    The order is still drawn in the main process from the same generator, when an epoch's iteration
+    starts, so the batches, ``state_dict`` and a resumed run are exactly those of the plain sampler;
+    workers only gather (decode, read caches) the batches of the epoch in progress, two per worker
+    ahead. ``pin_memory`` returns page-locked batches for faster, asynchronous copies to CUDA.
+    Workers persist across epochs and end with the process (or its death).
+    """
+
+    def __init__(self, batches: GroupStratifiedBatches, num_workers: int, pin_memory: bool = False) -> None:
+        on_device = [name for name, split in batches.splits.items() if split.y.device.type != "cpu"
+                     or isinstance(split.x, torch.Tensor) and split.x.device.type != "cpu"]
+        if num_workers and on_device:
+            raise ConfigError(f"key 'num_workers' is {num_workers} but groups {on_device} hold their training data on "
+                              "an accelerator, which worker processes cannot read; use num_workers: 0")
+        self.batches = batches
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.loader = torch.utils.data.DataLoader(
+            _Gatherer(batches), batch_size=None, sampler=_BatchPositions(batches), num_workers=self.num_workers,
+            collate_fn=_as_is, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            prefetch_factor=2 if self.num_workers else None,
+            generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone (the loader draws a base seed)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, tuple[torch.Tensor, ...]]]:
+        for batch in self.loader:
+            yield _as_tuples(batch) if self.pin_memory else batch
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.batches.load_state_dict(state)
+
+
+def _as_is(batch: dict) -> dict:
+    """The loader's collate function: a batch is already whole (the default would turn tuples into lists)."""
+    return batch
+
+
+def _as_tuples(value):
+    """A pinned batch with its tuples back (pinning returns the parts of a tuple as a list)."""
+    if isinstance(value, dict):
+        return {name: _as_tuples(part) for name, part in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(part) for part in value)
+    return value
+
+
+def prefetched(batches: GroupStratifiedBatches, num_workers: int, pin_memory: bool | None,
+               device: torch.device) -> GroupStratifiedBatches | PrefetchBatches:
+    """The training batches as configured (``num_workers``, ``pin_memory``): the sampler itself when neither is on."""
+    if pin_memory and device.type != "cuda":
+        raise ConfigError(f"key 'pin_memory' is true but the device is {device}; page-locked batches only speed up "
+                          "copies to CUDA: use pin_memory: null (on for CUDA) or false")
+    pin = device.type == "cuda" if pin_memory is None else pin_memory
+    if num_workers == 0 and not pin:
+        return batches
+    return PrefetchBatches(batches, num_workers, pin)
 
 
 class EvalBatches:

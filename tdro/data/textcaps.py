@@ -27,7 +27,10 @@ Groups (``textcaps_groups``, plus ``combined`` with ``include_combined_group``):
 * ``visual`` - the image, resized to ``image_size`` and ImageNet-normalised, through
   ``resnet_visual``; with ``feature_cache: true`` it is the 512-d frozen ResNet-18 feature of the
   image instead (kind ``features``, encoder ``features``), computed once into
-  ``feature_cache_dir`` (see ``tdro.data.cache``) from ``feature_backbone_weights``;
+  ``feature_cache_dir`` (see ``tdro.data.cache``) from ``feature_backbone_weights``; with
+  ``image_cache: true`` (fine-tuning) the images are decoded once into a uint8 memory map of side
+  ``image_cache_size`` in ``feature_cache_dir`` (see ``tdro.data.image_cache``) and read from there;
+  ``augment: true`` crops and flips training images at random (``tdro.data.augment``);
 * ``text`` - the caption as character ids through ``mlp_text``: lower-cased, the reference
   alphabet ``abcdefghijklmnopqrstuvwxyz0123456789 .,!?'"-:;()`` as ids 1..48, **0 = padding and
   49 = unknown character** (the reference mapped unknown characters to the padding id),
@@ -296,7 +299,8 @@ def build_textcaps(config) -> GroupedDataset:
     if needs_images:
         if config.textcaps_source == "local":
             store = ImageFileStore([it["path"] for it in pool], transform)
-            store.check_headers()  # before any run directory exists, not in epoch 1
+            if config.feature_cache or not config.image_cache:  # building the image cache checks them itself
+                store.check_headers()  # before any run directory exists, not in epoch 1
         else:
             store = CallableImageStore(
                 [it["hf"] for it in pool], lambda key: hf_tables[key[0]][int(key[1])]["image"], transform,
@@ -310,6 +314,16 @@ def build_textcaps(config) -> GroupedDataset:
                                                   prefix="textcaps")
             info["feature_cache"] = {"file": str(path), "hit": hit}
             visual_info = {"feature_dim": FEATURE_DIM}
+        elif config.image_cache:
+            from tdro.data.image_cache import cached_images, training_size
+
+            if not isinstance(store, ImageFileStore):
+                raise DataError("image_cache: true needs textcaps_source: local (image files to key the cache by); "
+                                f"textcaps_source is {config.textcaps_source!r}: use image_cache: false")
+            size = config.image_cache_size or training_size(config.image_size, config.augment)
+            visual_x, path, hit = cached_images(store, size, config.feature_cache_dir, prefix="textcaps")
+            info["image_cache"] = {"file": str(path), "hit": hit, "size": size}
+            visual_info = {"in_channels": 3, "image_size": config.image_size}
         else:
             visual_x = store
             visual_info = {"in_channels": 3, "image_size": config.image_size}

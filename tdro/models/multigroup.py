@@ -153,6 +153,7 @@ def build_model(config: Any, dataset: Any) -> MultiGroupModel:
         }
     num_classes = len(dataset.class_names)
     head = create_head(config.latent_dim, num_classes, config.head_hidden, config.head_dropout)
+    rank = config.anchor_rank if config.anchor_covariance == "lowrank" else None
     anchors = GaussianAnchors(num_classes, config.latent_dim, config.anchor_eps, config.anchor_covariance,
-                              targets=config.anchor_targets)
+                              targets=config.anchor_targets, rank=rank)
     return MultiGroupModel(encoders, head, anchors)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdro.models.anchors import GaussianAnchors
+from tdro.models.anchors import FactorParts, GaussianAnchors
 from tdro.objectives.gaussian import (
     class_moments,
     diagonal_bures_wasserstein_sq,
@@ -26,6 +26,7 @@ def fit_loss(
     group_ids: torch.Tensor | None,
     anchors: GaussianAnchors,
     per_group_fit: bool = False,
+    parts: FactorParts | None = None,
 ) -> torch.Tensor:
     """Mean W₂² from each batch class Gaussian (n_c ≥ 2) to its anchor; 0 when no class qualifies.
 
@@ -33,6 +34,8 @@ def fit_loss(
     ``per_group_fit`` the moments are per (group, class) and the loss is averaged within each
     group, then over the groups present (reference-method.md §2.4). Computed in float32 or
     better with autocast off: a difference of traces and eigenvalue roots has no bf16 to spare.
+    Only the classes in the batch are read from the anchors. ``parts``: this step's
+    ``anchors.factor_parts()``, if the caller has it already.
     """
     if per_group_fit and group_ids is None:
         raise ValueError("per_group_fit=True needs group_ids, got None")
@@ -44,8 +47,10 @@ def fit_loss(
         if anchors.diagonal:
             distances = diagonal_moments_bures_wasserstein_sq(moments, anchors.means, anchors.variance())
         else:
-            raw, scale = anchors.factor_parts()
-            distances = lowrank_bures_wasserstein_sq(moments, anchors.means, raw, anchors.eps, scale)
+            parts = parts if parts is not None else anchors.factor_parts()
+            diagonal = anchors.diagonal_part() if anchors.lowrank else None
+            distances = lowrank_bures_wasserstein_sq(moments, anchors.means, parts.raw, anchors.eps, parts.scale,
+                                                     diagonal, parts.norm_sq)
     if not per_group_fit:
         return distances.mean()
     _, group_index, rows_per_group = torch.unique(moments.groups, return_inverse=True, return_counts=True)
@@ -58,9 +63,10 @@ def classifier_separation_loss(
     head: nn.Module,
     samples_per_class: int,
     generator: torch.Generator | None = None,
+    parts: FactorParts | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of the head on J draws from each anchor, in one head call on all C·J samples."""
-    samples = anchors.sample(samples_per_class, generator=generator)
+    samples = anchors.sample(samples_per_class, generator=generator, parts=parts)
     logits = head(samples.reshape(-1, anchors.latent_dim))
     targets = torch.arange(anchors.num_classes, device=logits.device).repeat_interleave(samples_per_class)
     return F.cross_entropy(logits, targets)
@@ -125,13 +131,15 @@ class AnchorLoss:
     ) -> dict[str, torch.Tensor]:
         """Unweighted ``"fit"`` / ``"sep"`` for the terms computed, and the weighted ``"total"``."""
         parts: dict[str, torch.Tensor] = {}
+        uses_factor = self.lambda_fit or self.lambda_sep and self.sep_method == "classifier"
+        factor = anchors.factor_parts() if uses_factor and not anchors.diagonal else None  # once for both terms
         total = latents.new_zeros(())
         if self.lambda_fit:
-            parts["fit"] = fit_loss(latents, labels, group_ids, anchors, self.per_group_fit)
-            total = total + self.lambda_fit * parts["fit"]
+            parts["fit"] = fit_loss(latents, labels, group_ids, anchors, self.per_group_fit, factor)
+            total = self.lambda_fit * parts["fit"]
         if self.lambda_sep:
             if self.sep_method == "classifier":
-                parts["sep"] = classifier_separation_loss(anchors, head, self.samples_per_class)
+                parts["sep"] = classifier_separation_loss(anchors, head, self.samples_per_class, parts=factor)
             else:
                 parts["sep"] = w2_margin_separation_loss(anchors, self.margin)
             total = total + self.lambda_sep * parts["sep"]

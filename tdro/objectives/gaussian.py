@@ -10,7 +10,8 @@ took the trace of a Cholesky factor of the product, which is not the Bures term)
 A batch class covariance Ŝ = XᵀX/(n−1) (X centred, n×k) has rank ≤ n−1 and needs no ridge:
 the principal root of a PSD matrix is well defined, so +εI appears only where a full-rank matrix
 is needed (the anchor covariance already carries it). With F = Xᵀ/√(n−1), the cross term against
-an anchor S = L̃L̃ᵀ + εI is Σ √eig(G) with the small n×n matrix G = (YYᵀ + εXXᵀ)/(n−1), Y = XL̃.
+an anchor S = L̃L̃ᵀ + εI is Σ √eig(G) with the small n×n matrix G = (YYᵀ + εXXᵀ)/(n−1), Y = XL̃;
+against a low-rank anchor S = UUᵀ + diag(d) + εI it is G = (YYᵀ + X diag(d + ε) Xᵀ)/(n−1), Y = XU.
 """
 from __future__ import annotations
 
@@ -188,59 +189,113 @@ def diagonal_bures_wasserstein_sq(
     return (m1 - m2).square().sum(-1) + (v1.sqrt() - v2.sqrt()).square().sum(-1)
 
 
+class _GramCrossTerm(torch.autograd.Function):
+    """tr Ŝ − 2 tr (S^½ Ŝ S^½)^½ per row from the n×n matrix G, in float64, with a hand-chained backward.
+
+    G = (Y Yᵀ + X diag(w) Xᵀ)/(n−1) (Y = X·F̃, S = F̃F̃ᵀ + diag(w)); the centring null vector and
+    padded slots are lifted to exactly τ (see ``lowrank_bures_wasserstein_sq``). Autograd through the
+    ~40 small ops this takes cost more than the products themselves; the backward here is
+    eigvalsh's V diag(g) Vᵀ chained into Y, X and w by hand, the same gradient in a few ops.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, weights, counts, mask):  # noqa: D102 (autograd.Function protocol)
+        y64, x64, counts64 = _precise(y), _precise(x), _precise(counts)
+        weighted = x64 * (weights if isinstance(weights, float) else _precise(weights)[:, None, :])
+        dof = counts64 - 1
+        gram = (y64 @ y64.transpose(1, 2) + weighted @ x64.transpose(1, 2)) / dof[:, None, None]
+        trace_gram = _trace(gram)
+        tau = (trace_gram / counts64).clamp_min(torch.finfo(gram.dtype).tiny)
+        valid = _precise(mask)
+        unit = valid / counts64.sqrt()[:, None]
+        gram += tau[:, None, None] * (unit[:, :, None] * unit[:, None, :] + torch.diag_embed(1 - valid))
+        eigenvalues, vectors = torch.linalg.eigh(gram)
+        floor = (gram.shape[-1] * torch.finfo(gram.dtype).eps * trace_gram).clamp_min(torch.finfo(gram.dtype).tiny)
+        real = eigenvalues > floor[:, None]
+        roots = torch.where(real, eigenvalues, 0.0).sqrt_()
+        cross = roots.sum(-1) - (gram.shape[-1] - counts64 + 1) * tau.sqrt()
+        ctx.save_for_backward(y64, x64, weighted, vectors, roots, dof)
+        ctx.dtypes = (y.dtype, x.dtype, None if isinstance(weights, float) else weights.dtype)
+        return x64.square().sum((1, 2)) / dof - 2 * cross
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        y64, x64, weighted, vectors, roots, dof = ctx.saved_tensors
+        y_dtype, x_dtype, w_dtype = ctx.dtypes
+        grad = grad.to(y64.dtype) / dof
+        # d(−2 Σ√λ)/dλ = −1/√λ on real eigenvalues, 0 on the round-off ones (their √ would have no derivative)
+        coefficient = torch.where(roots > 0, -grad[:, None] / torch.where(roots > 0, roots, 1.0), 0.0)
+        d_gram = (vectors * coefficient[:, None, :]) @ vectors.transpose(1, 2)  # dL/dG·(n−1), symmetric
+        d_y = d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_y = (2 * d_gram @ y64).to(y_dtype)
+        if ctx.needs_input_grad[1]:
+            d_x = (2 * (d_gram @ weighted + grad[:, None, None] * x64)).to(x_dtype)
+        if w_dtype is not None and ctx.needs_input_grad[2]:
+            d_w = ((d_gram @ x64) * x64).sum(1).to(w_dtype)
+        return d_y, d_x, d_w, None, None
+
+
 def lowrank_bures_wasserstein_sq(
     moments: ClassMoments,
     anchor_means: torch.Tensor,
     anchor_factor: torch.Tensor,
     eps: float,
     factor_scale: torch.Tensor | None = None,
+    anchor_diagonal: torch.Tensor | None = None,
+    factor_norm_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W₂² (P,) from each batch class Gaussian to its anchor N(m_c, L̃_cL̃_cᵀ + εI), from small matrices.
+    """W₂² (P,) from each batch class Gaussian to its anchor N(m_c, S_c), from small matrices.
 
-    L̃_c = s_c·anchor_factor_c with s = ``factor_scale`` (C,) (default 1): the scale is applied to
-    the small products, so the (C,k,k) factor is only read by matrix products.
+    S_c = F̃_c F̃_cᵀ + diag(d_c) + εI with F̃_c = s_c·F_c: F = ``anchor_factor`` (C,k,k) for full
+    anchors or (C,k,r) for low-rank ones, s = ``factor_scale`` (C,) (default 1: no product with it
+    at all), d = ``anchor_diagonal`` (C,k) (default 0). ``factor_norm_sq`` (C,) is ‖F̃_c‖²_F when the
+    caller has it (the anchors compute it for their norm clip); else it is computed here.
+    The scale is applied to the small products, so F is only read by matrix products.
     When n_max − 1 ≤ k the cross term is Σ √eig of the n×n matrix G = X S Xᵀ/(n−1); G·𝟙 = 0
     (centring), so τ𝟙𝟙ᵀ/n on the real slots and τ on the diagonal of padded slots turn those
     zero eigenvalues into exactly τ without touching the others, and their √τ are subtracted.
-    Otherwise (few dimensions, many samples) the k×k route with F = chol(S) is cheaper. Either
-    small matrix is formed and solved in float64 (``_precise``); the product X·L̃ is not.
+    Otherwise (few dimensions, many samples) the k×k route with chol(S) is cheaper. Either
+    small matrix is formed and solved in float64 (``_precise``); the product X·F̃ is not.
     """
     x = moments.centred
     num, n_max, k = x.shape
     classes = moments.classes
-    if factor_scale is None:
-        factor_scale = anchor_factor.new_ones(anchor_factor.shape[0])
-    # (F*F).sum: Tensor.square's backward makes three passes over (C,k,k), a product two.
-    factor_norm_sq = (anchor_factor * anchor_factor).sum((1, 2))
-    trace_anchor = (factor_norm_sq * factor_scale.square()).index_select(0, classes) + k * eps
-    scale = factor_scale.index_select(0, classes)[:, None, None]
     # Pooled rows are sorted unique in-range classes, so P = C means row c is class c: no gather.
     every_class = moments.groups is None and num == anchor_factor.shape[0]
-    factor = anchor_factor if every_class else anchor_factor.index_select(0, classes)
-    dof = (moments.counts - 1).to(x.dtype)
-    mean_term = (moments.means - anchor_means.index_select(0, classes)).square().sum(-1)
-    trace_batch = x.square().sum((1, 2)) / dof
+
+    def rows(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if every_class else tensor.index_select(0, classes)
+
+    if factor_norm_sq is None:
+        factor_norm_sq = (anchor_factor * anchor_factor).sum((1, 2))
+        if factor_scale is not None:
+            factor_norm_sq = factor_norm_sq * factor_scale.square()
+    factor = rows(anchor_factor)
+    scale = None if factor_scale is None else rows(factor_scale)[:, None, None]
+    diagonal = None if anchor_diagonal is None else rows(anchor_diagonal)
+    trace_anchor = rows(factor_norm_sq) + k * eps
+    if diagonal is not None:
+        trace_anchor = trace_anchor + diagonal.sum(-1)
+    mean_term = (moments.means - rows(anchor_means)).square().sum(-1)
     if n_max - 1 <= k:
-        y = _precise((x @ factor) * scale)  # the one (n×k)·(k×k) product stays in the training dtype
-        x = _precise(x)
-        dof = _precise(dof)
-        gram = (y @ y.transpose(1, 2) + eps * (x @ x.transpose(1, 2))) / dof[:, None, None]
-        trace_gram = _trace(gram).detach()
-        counts = _precise(moments.counts)
-        tau = (trace_gram / counts).clamp_min(torch.finfo(gram.dtype).tiny)
-        valid = _precise(moments.mask)
-        unit = valid / counts.sqrt()[:, None]
-        gram = gram + tau[:, None, None] * (unit[:, :, None] * unit[:, None, :] + torch.diag_embed(1 - valid))
-        added = (n_max - counts + 1) * tau.sqrt()
-        cross = _sqrt_eigenvalue_sum(gram, trace_gram) - added
+        y = x @ factor  # the one (n×k)·(k×k or k×r) product stays in the training dtype
+        if scale is not None:
+            y = y * scale
+        weights = eps if diagonal is None else diagonal + eps
+        batch_minus_cross = _GramCrossTerm.apply(y, x, weights, moments.counts, moments.mask)
     else:
-        factor = _precise(factor) * _precise(scale)
-        eye = torch.eye(k, dtype=factor.dtype, device=factor.device)
-        chol = torch.linalg.cholesky(factor @ factor.transpose(1, 2) + eps * eye)
+        factor = _precise(factor) if scale is None else _precise(factor) * _precise(scale)
+        ridge = eps * torch.eye(k, dtype=factor.dtype, device=factor.device)
+        if diagonal is not None:
+            ridge = ridge + torch.diag_embed(_precise(diagonal))
+        chol = torch.linalg.cholesky(factor @ factor.transpose(1, 2) + ridge)
         x = _precise(x)
-        inner = chol.transpose(1, 2) @ (x.transpose(1, 2) @ x / _precise(dof)[:, None, None]) @ chol
+        dof = _precise(moments.counts - 1)
+        inner = chol.transpose(1, 2) @ (x.transpose(1, 2) @ x / dof[:, None, None]) @ chol
         cross = _sqrt_eigenvalue_sum(inner, _trace(inner))
-    return (_precise(mean_term + trace_batch + trace_anchor) - 2 * cross).to(moments.centred.dtype)
+        batch_minus_cross = x.square().sum((1, 2)) / dof - 2 * cross
+    return (_precise(mean_term + trace_anchor) + batch_minus_cross).to(moments.centred.dtype)
 
 
 def diagonal_moments_bures_wasserstein_sq(

@@ -36,15 +36,18 @@ def summary_row(run_dir: str | Path) -> dict:
                wall_seconds=summary["wall_seconds"] + sum(s["wall_seconds"] for s in summary.get("stage_runs", {}).values()),
                parameter_count=summary["parameter_count"],
                train_sizes=json.dumps({g: s["train"] for g, s in summary["group_sizes"].items()}),
-               peak_memory_mb=_peak_memory(Path(run_dir)))
+               peak_memory_mb=_peak_memory(Path(run_dir), "peak_memory_mb"),
+               run_memory_mb=_peak_memory(Path(run_dir), "run_memory_mb"))
+    row.update({f"diagnostics.{k}": v for k, v in (summary.get("diagnostics") or {}).items()})
     return row
 
 
-def _peak_memory(run_dir: Path) -> float:
-    """The largest per-epoch peak memory a run recorded (NaN without one)."""
+def _peak_memory(run_dir: Path, key: str) -> float:
+    """The largest per-epoch memory figure ``key`` a run recorded (NaN without one): ``peak_memory_mb`` is the
+    process's peak (RSS on CPU), ``run_memory_mb`` the run's own memory above the process baseline."""
     from tdro.runs import read_jsonl
 
-    values = [r["peak_memory_mb"] for r in read_jsonl(run_dir / "history.jsonl") if r.get("peak_memory_mb") is not None]
+    values = [r[key] for r in read_jsonl(run_dir / "history.jsonl") if r.get(key) is not None]
     return float(max(values)) if values else math.nan
 
 
@@ -102,7 +105,9 @@ def impact_table(metrics: pd.DataFrame, arms: pd.DataFrame, baseline: str = BASE
                         "paired_seeds": len(paired)})
         if len(runs) and len(base):
             row["time_ratio"] = runs["wall_seconds"].mean() / base["wall_seconds"].mean()
-            row["memory_ratio"] = runs["peak_memory_mb"].mean() / base["peak_memory_mb"].mean()
+            own = "run_memory_mb" in runs and runs["run_memory_mb"].notna().all() and base["run_memory_mb"].notna().all()
+            memory = "run_memory_mb" if own else "peak_memory_mb"  # the run's own memory where recorded (RSS: torch)
+            row["memory_ratio"] = runs[memory].mean() / base[memory].mean()
         rows.append(row)
     columns = ["arm", "label", "status", "seeds", "paired_seeds"]
     for metric in IMPACT_METRICS:
@@ -277,6 +282,27 @@ class StudyResult:
             diff, low, high = paired_difference(runs.loc[pairs, metric], base.loc[pairs, metric], confidence)
             rows.append({"arm": arm, "label": self.labels()[arm], "diff": diff, "ci_low": low, "ci_high": high,
                          "pairs": len(pairs)})
+        return pd.DataFrame(rows).set_index("arm")
+
+    def diagnostics_table(self, setting: str) -> pd.DataFrame:
+        """Per arm, what explains a result: W₂ of the groups' class latents to their anchors and between
+        groups (validation, selected epoch), whether GroupDRO's q moved from q₀, selections inside a warm-up."""
+        m = self.metrics()
+        m = m[m["setting"] == setting]
+        rows = []
+        for arm in self._arm_order(m):
+            runs = m[m["arm"] == arm]
+            def column(name: str, runs: pd.DataFrame = runs) -> pd.Series:
+                return runs[f"diagnostics.{name}"] if f"diagnostics.{name}" in runs else pd.Series(dtype=float)
+            row = {"arm": self.labels()[arm]}
+            row["W₂ to anchors (selected)"] = _mean_std(column("alignment_to_anchor_selected"), 1.0, 3)
+            row["W₂ between groups (selected)"] = _mean_std(column("alignment_between_groups_selected"), 1.0, 3)
+            moved = column("q_moved").dropna()
+            row["max |q − q₀|"] = _mean_std(column("q_max_deviation"), 1.0, 3)
+            row["q moved (runs)"] = f"{int(moved.astype(bool).sum())}/{len(moved)}" if len(moved) else "—"
+            warm = column("selected_in_warmup").dropna()
+            row["selected in warm-up (runs)"] = f"{int(warm.astype(bool).sum())}/{len(warm)}" if len(warm) else "—"
+            rows.append(row)
         return pd.DataFrame(rows).set_index("arm")
 
     def cost_table(self, setting: str | None = None) -> pd.DataFrame:

@@ -14,7 +14,18 @@ import torch
 from torch import nn
 
 from tdro.data.base import batch_to_device
+from tdro.training.distributed import Distributed
 from tdro.training.metrics import MetricAccumulator
+
+# eval_batch_size: null picks by device: CNN evaluation throughput halves from batch 128 to 1024 on CPU
+# (bench/encoder_layout.py), while accelerators want large batches.
+EVAL_BATCH_SIZES = {"cpu": 128}
+ACCELERATOR_EVAL_BATCH_SIZE = 1024
+
+
+def eval_batch_size(batch_size: int | None, device: torch.device) -> int:
+    """``batch_size`` as given, or the device's default when it is None (the ``eval_batch_size`` key's null)."""
+    return EVAL_BATCH_SIZES.get(device.type, ACCELERATOR_EVAL_BATCH_SIZE) if batch_size is None else batch_size
 
 
 @contextmanager
@@ -34,10 +45,11 @@ def _forward_group(
     name: str,
     part: Any,
     device: torch.device,
-    batch_size: int,
+    batch_size: int | None,
     autocast_dtype: torch.dtype | None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(latents, logits) of one group's split in stored order, batch by batch, inputs moved per batch."""
+    batch_size = eval_batch_size(batch_size, device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     for start in range(0, len(part.y), batch_size):
@@ -65,15 +77,22 @@ def evaluate(
     dataset: Any,
     split: str,
     device: torch.device | str,
-    batch_size: int,
+    batch_size: int | None,
     autocast_dtype: torch.dtype | None = None,
+    distributed: Distributed | None = None,
 ) -> dict:
-    """METRICS (ARCHITECTURE.md) of ``model`` on one split of every group, with per-sample cross-entropy."""
+    """METRICS (ARCHITECTURE.md) of ``model`` on one split of every group, with per-sample cross-entropy.
+
+    ``distributed``: this rank evaluates every world-th sample of each group and the counts are summed
+    over ranks, so every rank returns the metrics of the whole split.
+    """
     device = torch.device(device)
     accumulator = MetricAccumulator(list(dataset.groups), list(dataset.class_names), device)
     outputs = []
     with _inference(model):
         for index, (name, part) in enumerate(_split_parts(dataset, split).items()):
+            if distributed is not None:
+                part = part.subset(distributed.shard(len(part.y)))
             if not len(part.y):
                 continue
             batches = _forward_group(model, name, part, device, batch_size, autocast_dtype)
@@ -82,11 +101,14 @@ def evaluate(
         # the groups' forward passes, cost more than small (tabular) forward passes themselves.
         for index, logits, labels in outputs:
             accumulator.update(index, logits, labels)
+    if distributed is not None:
+        distributed.sum_(accumulator.counts)
+        distributed.sum_(accumulator.loss_sums)
     return accumulator.compute()
 
 
 def forward_only(
-    model: nn.Module, dataset: Any, split: str, device: torch.device | str, batch_size: int
+    model: nn.Module, dataset: Any, split: str, device: torch.device | str, batch_size: int | None
 ) -> int:
     """The bare forward pass of ``evaluate`` (same batching, no metrics); returns the number of samples."""
     device = torch.device(device)
@@ -103,7 +125,7 @@ def collect_latents(
     dataset: Any,
     split: str,
     device: torch.device | str,
-    batch_size: int,
+    batch_size: int | None,
     max_per_group: int | None = None,
 ) -> dict[str, Any]:
     """Latents (N, k) float32, labels (N,) and group index (N,) as numpy arrays, plus group and class names.

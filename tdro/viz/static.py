@@ -24,8 +24,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 
 from tdro.runs import Run, load_run
+from tdro.training.diagnostics import PAIR_SEPARATOR, WARMUP_MEANINGS, diagnostic_notes
 
 MARKERS = ("o", "^", "s", "D", "P", "X", "v", "*")
+LINE_STYLES = ("-", "--", "-.", ":")
 LOSS_PARTS = ("cls", "fit", "sep")
 # Okabe & Ito (2008), "Color Universal Design": 8 colours told apart under protanopia, deuteranopia and
 # tritanopia. Yellow and black come last: yellow is faint on white, black is the reference lines' colour.
@@ -135,7 +137,15 @@ def _check_history(run: Run) -> pd.DataFrame:
 
 
 def _epochs(history: pd.DataFrame) -> np.ndarray:
-    return history["epoch"].to_numpy() + 1  # records count epochs from 0; plots from 1
+    return history["epoch"].to_numpy()  # records count epochs from 1, as the figures do
+
+
+def _mark_selected(ax, run: Run) -> None:
+    """A thin vertical line at the selected epoch of a finished run."""
+    selected = run.summary.get("selected_epoch")
+    if selected is not None:
+        ax.axvline(selected, color="0.6", lw=0.8)
+        ax.text(selected, 0.98, " selected", color="0.4", fontsize=8, va="top", transform=ax.get_xaxis_transform())
 
 
 def _integer_x(*axes) -> None:
@@ -197,10 +207,7 @@ def plot_group_accuracy(run: str | Path | Run, split: str = "val") -> Figure:
                 label="worst group (per epoch)")
     if "train.acc" in history:
         ax.plot(epochs, history["train.acc"], ls=":", color=REFERENCE_COLOR, label="train acc (all groups)")
-    selected = run.summary.get("selected_epoch")
-    if selected is not None:
-        ax.axvline(selected + 1, color="0.6", lw=0.8)
-        ax.text(selected + 1, 0.98, " selected", color="0.4", fontsize=8, va="top", transform=ax.get_xaxis_transform())
+    _mark_selected(ax, run)
     _integer_x(ax)
     ax.set(xlabel="epoch", ylabel="accuracy", title=f"Per-group accuracy ({split})", ylim=(-0.02, 1.02))
     ax.legend(fontsize=8, loc="lower right")
@@ -233,7 +240,7 @@ def plot_group_weights(run: str | Path | Run, ax=None) -> Figure:
     if not steps and not epochs:
         _empty(ax, "GroupDRO off (ERM): no group weights")
     else:
-        table, x = (run.steps, run.steps["step"]) if steps else (run.history, run.history["epoch"] + 1)
+        table, x = (run.steps, run.steps["step"]) if steps else (run.history, run.history["epoch"])
         columns = steps or epochs
         cells = any("/" in key for key in columns)
         by_group: dict[str, list[str]] = {}
@@ -255,7 +262,7 @@ def plot_group_weights(run: str | Path | Run, ax=None) -> Figure:
                         color=colors[group], ms=4)
         warmup = run.config.get("groupdro_warmup_epochs") or 0
         if warmup and steps and "epoch" in run.steps:
-            warm = run.steps.loc[run.steps["epoch"] < warmup, "step"]
+            warm = run.steps.loc[run.steps["epoch"] <= warmup, "step"]
             if len(warm):
                 ax.axvspan(run.steps["step"].min(), warm.max(), color="0.9", zorder=0, label="warm-up (q held)")
         elif warmup and not steps:
@@ -286,6 +293,95 @@ def plot_learning_rates(run: str | Path | Run) -> Figure:
     return fig
 
 
+# --------------------------------------------------------------------------------------------- diagnostics
+def plot_alignment(run: str | Path | Run) -> Figure:
+    """Per epoch on validation: W₂ of each group's class-conditional latents to their class anchors (left, one
+    line per group) and between the groups of each class (right, one line per pair); means over classes.
+
+    This is what the anchor losses claim to reduce (``tdro.training.diagnostics.alignment``)."""
+    run = as_run(run)
+    history = _check_history(run)
+    epochs = _epochs(history)
+    to_anchor = _group_columns(history, "alignment.to_anchor.")
+    between = _group_columns(history, "alignment.between_groups.")
+    colors = run_group_colors(run, to_anchor)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6), constrained_layout=True)
+    left.set_title("W₂ to the class anchor (val)")
+    right.set_title("W₂ between the groups of a class (val)")
+    if not to_anchor and not between:
+        for ax in (left, right):
+            _empty(ax, "no alignment recorded (the run predates the diagnostics)")
+        return fig
+    for group, column in to_anchor.items():
+        left.plot(epochs, history[column], marker="o", color=colors[group], label=group)
+    for i, (pair, column) in enumerate(between.items()):
+        right.plot(epochs, history[column], marker=MARKERS[i % len(MARKERS)], color=REFERENCE_COLOR,
+                   ls=LINE_STYLES[i % len(LINE_STYLES)], label=pair.replace(PAIR_SEPARATOR, " vs "))
+    for ax, lines, missing in ((left, to_anchor, "the model has no anchors"), (right, between, "one group: no pair")):
+        if not lines:
+            _empty(ax, missing)
+            continue
+        _mark_selected(ax, run)
+        _integer_x(ax)
+        ax.set(xlabel="epoch", ylabel="W₂ (mean over classes)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_selection(run: str | Path | Run) -> Figure:
+    """Why this epoch: the monitor per epoch against the training curve, the selected epoch starred and the
+    warm-ups (q held, LR warm-up, frozen backbone) shaded; the title says when the selection fell in one."""
+    run = as_run(run)
+    history = _check_history(run)
+    epochs = _epochs(history)
+    summary, diagnostics = run.summary, run.summary.get("diagnostics") or {}
+    monitor = summary.get("monitor", run.config.get("monitor", "monitor"))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), constrained_layout=True)
+    warmups = [name for name in WARMUP_MEANINGS if diagnostics.get(name)]
+    for name, hatch in zip(warmups, ("//", "\\\\", "..")):
+        ax.axvspan(0.5, diagnostics[name] + 0.5, facecolor="0.93", edgecolor="0.75", hatch=hatch, lw=0, zorder=0,
+                   label=f"{name} = {diagnostics[name]}")
+    if "monitor.value" in history:
+        ax.plot(epochs, history["monitor.value"], marker="o", color=OKABE_ITO[3], label=f"{monitor} (monitor)")
+    if "train.acc" in history and not str(monitor).endswith("loss"):
+        ax.plot(epochs, history["train.acc"], ls=":", color=REFERENCE_COLOR, label="train acc")
+    selected = summary.get("selected_epoch")
+    chosen = history.loc[history["epoch"] == selected, "monitor.value"] if "monitor.value" in history else []
+    if len(chosen):
+        ax.plot([selected], [chosen.iloc[0]], marker="*", ms=16, color=OKABE_ITO[4], ls="none", zorder=4,
+                label=f"selected: epoch {selected}")
+    handles, labels = ax.get_legend_handles_labels()
+    if "train.loss" in history:
+        loss_ax = ax.twinx()
+        loss_ax.plot(epochs, history["train.loss"], ls="--", color="0.55", label="train loss (right axis)")
+        loss_ax.set_ylabel("train loss")
+        more = loss_ax.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    _integer_x(ax)
+    title = f"Selection: epoch {selected} of {summary.get('epochs_run', len(history))} by {monitor}"
+    if diagnostics.get("selected_in_warmup"):
+        title += "\nWITHIN THE WARM-UP (" + diagnostics["selected_in_warmup_of"] + ")"
+    ax.set(xlabel="epoch", ylabel=str(monitor), title=title)
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    return fig
+
+
+def diagnostics_note(run: str | Path | Run):
+    """The run's diagnostics as sentences for its report: selection (and a warm-up), whether GroupDRO acted,
+    alignment; an ``IPython.display.Markdown``."""
+    from IPython.display import Markdown
+
+    run = as_run(run)
+    summary = run.summary
+    if not summary:
+        return Markdown(f"Run `{run.run_id}` has not finished: no diagnostics yet.")
+    lines = [f"Selected epoch **{summary['selected_epoch']}** of {summary['epochs_run']} by `{summary['monitor']}` "
+             f"({summary['selection_split']}) = {summary['monitor_value']:.4g}."]
+    lines += diagnostic_notes(summary) or ["This run predates the diagnostics (its summary.json has none)."]
+    return Markdown("\n".join(f"- {line}" for line in lines))
+
+
 # --------------------------------------------------------------------------------------------- latents
 @dataclass
 class LatentSnapshot:
@@ -303,7 +399,7 @@ class LatentSnapshot:
 
 
 def latent_epochs(run_dir: str | Path | Run) -> list[int]:
-    """Epochs (0-based) that have a latent snapshot."""
+    """Epochs (from 1, as in history.jsonl) that have a latent snapshot."""
     path = run_dir.path if isinstance(run_dir, Run) else Path(run_dir)
     return sorted(int(p.stem.split("_")[1]) for p in (path / "latents").glob("epoch_*.npz"))
 
@@ -362,7 +458,7 @@ def plot_latents(snapshot: LatentSnapshot, ax=None, legend: bool = True, title: 
         ax.annotate(name, snapshot.means[c], textcoords="offset points", xytext=(6, 6), fontsize=8, weight="bold")
     ev = snapshot.explained_variance
     ax.set(xlabel=f"PC 1 ({ev[0]:.0%} of variance)", ylabel=f"PC 2 ({ev[1]:.0%})",
-           title=title or f"Validation latents, epoch {snapshot.epoch + 1} (X = anchor mean, ellipse = 2σ)")
+           title=title or f"Validation latents, epoch {snapshot.epoch} (X = anchor mean, ellipse = 2σ)")
     ax.autoscale_view()
     if legend:
         from matplotlib.lines import Line2D
@@ -400,7 +496,7 @@ def plot_latent_epochs(run: str | Path | Run, epochs: Sequence[int] | None = Non
         epochs = [available[i] for i in idx]
     fig, axes = plt.subplots(1, len(epochs), figsize=(4.2 * len(epochs), 4.2), constrained_layout=True, squeeze=False)
     for ax, epoch in zip(axes[0], epochs):
-        plot_latents(load_latents(run, epoch), ax=ax, legend=False, title=f"epoch {epoch + 1}")
+        plot_latents(load_latents(run, epoch), ax=ax, legend=False, title=f"epoch {epoch}")
     return fig
 
 
@@ -503,7 +599,7 @@ def run_facts(run: str | Path | Run) -> pd.Series:
     facts = {
         "run": run.run_id,
         "dataset": run.config.get("dataset"),
-        "selected epoch": None if s.get("selected_epoch") is None else s["selected_epoch"] + 1,
+        "selected epoch": s.get("selected_epoch"),
         "epochs run": s.get("epochs_run", len(h)),
         "monitor": s.get("monitor", run.config.get("monitor")),
         "monitor value": s.get("monitor_value"),
@@ -555,7 +651,7 @@ def plot_metric_curves(runs: Iterable[str | Path | Run], metric: str = "val.wors
                 continue
             table = pd.concat(curves, axis=1)
             mean, std = table.mean(axis=1), table.std(axis=1)
-            x = table.index.to_numpy() + 1
+            x = table.index.to_numpy()
             line, = ax.plot(x, mean, marker="o", ms=3, label=f"{label} (n={table.shape[1]})")
             if table.shape[1] > 1:
                 ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())

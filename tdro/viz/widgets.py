@@ -57,8 +57,7 @@ class LatentExplorer(_View):
             return
         start = self.run.summary.get("selected_epoch")
         start = start if start in self.epochs else self.epochs[-1]
-        # the slider counts epochs from 1 like the figures; the npz files from 0
-        self.slider = widgets.SelectionSlider(options=[(str(e + 1), e) for e in self.epochs], value=start,
+        self.slider = widgets.SelectionSlider(options=[(str(e), e) for e in self.epochs], value=start,
                                               description="epoch", continuous_update=False)
         self.play = widgets.Play(min=0, max=len(self.epochs) - 1, value=self.epochs.index(start), interval=800,
                                  description="play")
@@ -69,7 +68,7 @@ class LatentExplorer(_View):
         self.draw(start)
 
     def draw(self, epoch: int) -> None:
-        """Show the latent view of ``epoch`` (0-based, as in the file names)."""
+        """Show the latent view of ``epoch`` (from 1, as in the records and the file names)."""
         self.image.value = figure_png(plot_latents(load_latents(self.run, epoch)))
 
 
