@@ -73,7 +73,7 @@ class Config(*algorithm_key_blocks()):
                           "1 is never catastrophically slow on a shared machine; raise it for a lone CPU run on many cores",
                        low=0, high=1024)
     deterministic: bool = key(False, "use deterministic torch algorithms")
-    progress: bool = key(True, "one progress bar over the run, on a terminal or in a notebook only (epoch lines print either way)")
+    progress: bool = key(True, "a line per epoch, and one progress bar over the run on a terminal or in a notebook; false: quiet (studies)")
     log_interval: int = key(50, "steps between records in steps.jsonl", low=1)
     tensorboard: bool = key(False, "also write TensorBoard events under the original tag names")
     max_nonfinite_steps: int = key(5, "non-finite losses in a row that stop the run", low=1)

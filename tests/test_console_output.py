@@ -76,7 +76,7 @@ def test_cli_on_a_terminal_shows_one_bar_that_finishes(tmp_path):
 
 
 def test_epochs_count_from_one_in_every_record_and_in_show(tmp_path):
-    done = subprocess.run(train_command(tmp_path, "numbered", progress=False, epochs=3, early_stopping_patience=0),
+    done = subprocess.run(train_command(tmp_path, "numbered", progress=True, epochs=3, early_stopping_patience=0),
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "numbered"

@@ -296,7 +296,8 @@ class Trainer:
             if self.writer:
                 append_jsonl(self.run_dir / "history.jsonl", record)
                 self._log_tensorboard(record)
-                self._print_epoch(record)
+                if config.progress:
+                    self._print_epoch(record)
                 if config.latent_samples_per_group:
                     self._record_latents()
                 self._save_checkpoints(improved)
