@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -246,7 +247,7 @@ def test_a_corrupt_last_checkpoint_names_the_file_and_the_remedy(finished_run, t
     run = finished_run
     last = run / "checkpoints" / "last.pt"
     data = last.read_bytes()
-    last.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    last.write_bytes({"truncated": data[: len(data) // 2], "garbage": random.Random(4).randbytes(4096), "empty": b""}[damage])
     done = cli("train", "--resume", str(run))
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "weights_only" not in done.stderr
@@ -254,6 +255,19 @@ def test_a_corrupt_last_checkpoint_names_the_file_and_the_remedy(finished_run, t
     assert f"cp {run / 'checkpoints' / 'best.pt'} {last}" in done.stderr
     with pytest.raises(CheckpointError):
         load_checkpoint(last)
+
+
+def test_any_damaged_bytes_are_a_checkpoint_error(finished_run, tmp_path):
+    """Random bytes fail anywhere in the unpickler (IndexError, KeyError, …): every way is the one clear error."""
+    data = (finished_run / "checkpoints" / "last.pt").read_bytes()
+    draw = random.Random(0)
+    damaged = tmp_path / "checkpoints" / "last.pt"
+    damaged.parent.mkdir()
+    for trial in range(300):
+        garbage = draw.randbytes(draw.choice([1, 7, 64, 4096]))
+        damaged.write_bytes(garbage if trial % 2 else data[: draw.randrange(len(data))])
+        with pytest.raises(CheckpointError, match="is cut or corrupt"):
+            load_checkpoint(damaged)
 
 
 def test_a_corrupt_summary_names_the_file_and_resume_writes_it_again(finished_run, tmp_path):

@@ -107,7 +107,8 @@ def impact_table(metrics: pd.DataFrame, arms: pd.DataFrame, baseline: str = BASE
             row["time_ratio"] = runs["wall_seconds"].mean() / base["wall_seconds"].mean()
             own = "run_memory_mb" in runs and runs["run_memory_mb"].notna().all() and base["run_memory_mb"].notna().all()
             memory = "run_memory_mb" if own else "peak_memory_mb"  # the run's own memory where recorded (RSS: torch)
-            row["memory_ratio"] = runs[memory].mean() / base[memory].mean()
+            base_memory = base[memory].mean()  # a tiny run's own memory can round to 0 MB: no ratio then
+            row["memory_ratio"] = runs[memory].mean() / base_memory if base_memory > 0 else math.nan
         rows.append(row)
     columns = ["arm", "label", "status", "seeds", "paired_seeds"]
     for metric in IMPACT_METRICS:

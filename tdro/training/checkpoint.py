@@ -60,9 +60,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise FileNotFoundError(f"checkpoint {path} does not exist; a run writes checkpoints/last.pt after its first epoch")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - damaged bytes fail anywhere in the unpickler (IndexError, KeyError, …)
         # torch's unpickling message advises weights_only=False, which would run code from the file
-        unreadable = isinstance(error, pickle.UnpicklingError) or not str(error)
+        described = isinstance(error, (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError))
+        unreadable = isinstance(error, pickle.UnpicklingError) or not described or not str(error)
         reason = "it does not unpickle as tensors" if unreadable else str(error).splitlines()[0]
         raise CheckpointError(f"checkpoint {path} is cut or corrupt ({reason}). {_remedy(path)}") from None
     if not isinstance(payload, dict) or "model" not in payload:
