@@ -252,3 +252,70 @@ def test_anchor_loss_rejects_bad_arguments(kwargs, words):
         AnchorLoss(**{"lambda_fit": 1.0, "lambda_sep": 1.0, **kwargs})
     for word in words:
         assert word in str(error.value)
+
+
+
+class BothTerms(nn.Module):
+    """AnchorLoss (fit + classifier separation) as a module, with the same separation draws every call."""
+
+    def __init__(self, covariance: str, per_group: bool, every_class: bool, clipped: bool) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        rank = {"rank": 2} if covariance == "lowrank" else {}
+        self.anchors = GaussianAnchors(NUM_CLASSES, K, eps=1e-3, covariance=covariance, **rank).double()
+        self.factor_name = "U" if covariance == "lowrank" else "L"
+        factor = getattr(self.anchors, self.factor_name)
+        with torch.no_grad():
+            factor.copy_(torch.randn(factor.shape, dtype=torch.float64) * 0.3)
+            if clipped:
+                factor[1] *= 100.0  # Frobenius norm far above 10: the clip's scale is in the graph
+        self.latents, self.labels, self.groups = batch(2)
+        if every_class:  # every class has two samples or more: the pooled rows are the anchors in order
+            self.labels = torch.arange(len(self.labels)) % NUM_CLASSES
+        self.head = nn.Linear(K, NUM_CLASSES).double()
+        self.loss = AnchorLoss(0.4, 0.6, samples_per_class=3, per_group_fit=per_group)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(5)
+        return self.loss(latents, self.labels, self.groups, self.anchors, self.head)["total"]
+
+
+CASES = [(False, True, False), (False, False, False), (True, False, False), (False, True, True)]
+CASE_IDS = ["pooled_all_classes", "pooled_gathered", "per_group_repeated_rows", "clipped"]
+
+
+@pytest.mark.parametrize("covariance", ["full", "lowrank"])
+@pytest.mark.parametrize("per_group, every_class, clipped", CASES, ids=CASE_IDS)
+def test_one_factor_op_gives_finite_difference_gradients_for_both_terms(covariance, per_group, every_class, clipped):
+    """Fit (X·F[rows]) and separation (Z·Fᵀ) share one op and one gradient buffer: gradcheck it all."""
+    module = BothTerms(covariance, per_group, every_class, clipped)
+    factor = getattr(module.anchors, module.factor_name)
+    names = ["anchors.means", f"anchors.{module.factor_name}", "head.weight"]
+
+    def total(latents, means, raw, weight):
+        return torch.func.functional_call(module, dict(zip(names, (means, raw, weight))), (latents,))
+
+    tensors = (module.latents, module.anchors.means, factor, module.head.weight)
+    assert torch.autograd.gradcheck(total, [t.detach().clone().requires_grad_() for t in tensors])
+
+
+@pytest.mark.parametrize("covariance", ["full", "lowrank"])
+@pytest.mark.parametrize("per_group, every_class, clipped", CASES, ids=CASE_IDS)
+def test_both_terms_gradients_in_float32_match_float64(covariance, per_group, every_class, clipped, monkeypatch):
+    """The dtype training runs in: every gradient of the total within float32 round-off of the float64 one."""
+    draw = torch.randn
+
+    def same_draws(*shape, dtype=None, **kwargs):  # float64 runs see the float32 runs' separation noise
+        return draw(*shape, dtype=torch.float32, **kwargs).to(dtype or torch.float32)
+
+    monkeypatch.setattr(torch, "randn", same_draws)
+    reference = BothTerms(covariance, per_group, every_class, clipped)
+    single = BothTerms(covariance, per_group, every_class, clipped).float()
+    grads = []
+    for module, dtype in ((reference, torch.float64), (single, torch.float32)):
+        latents = module.latents.to(dtype).requires_grad_()
+        module(latents).backward()
+        grads.append([latents.grad, *(p.grad for p in module.parameters())])
+    for precise, rounded in zip(*grads):
+        scale = precise.abs().max().item()
+        torch.testing.assert_close(rounded.double(), precise, rtol=1e-4, atol=1e-5 * scale)

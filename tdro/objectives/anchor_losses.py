@@ -9,15 +9,37 @@ from torch import nn
 
 from tdro.models.anchors import FactorParts, GaussianAnchors
 from tdro.objectives.gaussian import (
+    ClassMoments,
+    anchor_rows,
     class_moments,
     diagonal_bures_wasserstein_sq,
     diagonal_moments_bures_wasserstein_sq,
     factored_bures_wasserstein_sq,
+    gram_route,
     lowrank_bures_wasserstein_sq,
 )
 from tdro.registry import unknown_choice_message
 
 SEPARATION_METHODS = ("classifier", "w2_margin")
+
+
+def fit_moments(
+    latents: torch.Tensor, labels: torch.Tensor, group_ids: torch.Tensor | None, num_classes: int,
+    per_group_fit: bool = False,
+) -> ClassMoments:
+    """The batch class moments the fit compares with the anchors: pooled, or per (group, class), in float32 or better."""
+    if per_group_fit and group_ids is None:
+        raise ValueError("per_group_fit=True needs group_ids, got None")
+    with torch.autocast(latents.device.type, enabled=False):
+        latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
+        return class_moments(latents, labels, num_classes, group_ids if per_group_fit else None)
+
+
+def fit_factor_inputs(moments: ClassMoments, num_classes: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(X, rows) for ``GaussianAnchors.factor_parts``: the product X·F[rows] the fit needs (None, None when none)."""
+    if moments.num == 0 or not gram_route(moments):
+        return None, None
+    return moments.centred, anchor_rows(moments, num_classes)
 
 
 def fit_loss(
@@ -27,6 +49,7 @@ def fit_loss(
     anchors: GaussianAnchors,
     per_group_fit: bool = False,
     parts: FactorParts | None = None,
+    moments: ClassMoments | None = None,
 ) -> torch.Tensor:
     """Mean W₂² from each batch class Gaussian (n_c ≥ 2) to its anchor; 0 when no class qualifies.
 
@@ -34,23 +57,23 @@ def fit_loss(
     ``per_group_fit`` the moments are per (group, class) and the loss is averaged within each
     group, then over the groups present (reference-method.md §2.4). Computed in float32 or
     better with autocast off: a difference of traces and eigenvalue roots has no bf16 to spare.
-    Only the classes in the batch are read from the anchors. ``parts``: this step's
-    ``anchors.factor_parts()``, if the caller has it already.
+    Only the classes in the batch are read from the anchors. ``moments`` (``fit_moments``) and
+    ``parts`` (``anchors.factor_parts(*fit_factor_inputs(moments, C))``): this step's, if the
+    caller has them already.
     """
-    if per_group_fit and group_ids is None:
-        raise ValueError("per_group_fit=True needs group_ids, got None")
+    if moments is None:
+        moments = fit_moments(latents, labels, group_ids, anchors.num_classes, per_group_fit)
+    if moments.num == 0:
+        return latents.new_zeros((), dtype=moments.centred.dtype)
     with torch.autocast(latents.device.type, enabled=False):
-        latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
-        moments = class_moments(latents, labels, anchors.num_classes, group_ids if per_group_fit else None)
-        if moments.num == 0:
-            return latents.new_zeros(())
         if anchors.diagonal:
             distances = diagonal_moments_bures_wasserstein_sq(moments, anchors.means, anchors.variance())
         else:
-            parts = parts if parts is not None else anchors.factor_parts()
+            if parts is None:
+                parts = anchors.factor_parts(*fit_factor_inputs(moments, anchors.num_classes))
             diagonal = anchors.diagonal_part() if anchors.lowrank else None
             distances = lowrank_bures_wasserstein_sq(moments, anchors.means, parts.raw, anchors.eps, parts.scale,
-                                                     diagonal, parts.norm_sq)
+                                                     diagonal, parts.norm_sq, parts.batch_product)
     if not per_group_fit:
         return distances.mean()
     _, group_index, rows_per_group = torch.unique(moments.groups, return_inverse=True, return_counts=True)
@@ -65,7 +88,10 @@ def classifier_separation_loss(
     generator: torch.Generator | None = None,
     parts: FactorParts | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of the head on J draws from each anchor, in one head call on all C·J samples."""
+    """Mean cross-entropy of the head on J draws from each anchor, in one head call on all C·J samples.
+
+    ``parts``: this step's ``anchors.factor_parts(noise=anchors.factor_noise(J))``, if the caller has it.
+    """
     samples = anchors.sample(samples_per_class, generator=generator, parts=parts)
     logits = head(samples.reshape(-1, anchors.latent_dim))
     targets = torch.arange(anchors.num_classes, device=logits.device).repeat_interleave(samples_per_class)
@@ -131,14 +157,21 @@ class AnchorLoss:
     ) -> dict[str, torch.Tensor]:
         """Unweighted ``"fit"`` / ``"sep"`` for the terms computed, and the weighted ``"total"``."""
         parts: dict[str, torch.Tensor] = {}
-        uses_factor = self.lambda_fit or self.lambda_sep and self.sep_method == "classifier"
-        factor = anchors.factor_parts() if uses_factor and not anchors.diagonal else None  # once for both terms
+        classifier = bool(self.lambda_sep) and self.sep_method == "classifier"
+        moments = None
+        if self.lambda_fit:
+            moments = fit_moments(latents, labels, group_ids, anchors.num_classes, self.per_group_fit)
+        factor = None
+        if not anchors.diagonal and (moments is not None or classifier):  # one op for both terms' products
+            batch, rows = (None, None) if moments is None else fit_factor_inputs(moments, anchors.num_classes)
+            noise = anchors.factor_noise(self.samples_per_class) if classifier else None
+            factor = anchors.factor_parts(batch, rows, noise)
         total = latents.new_zeros(())
         if self.lambda_fit:
-            parts["fit"] = fit_loss(latents, labels, group_ids, anchors, self.per_group_fit, factor)
+            parts["fit"] = fit_loss(latents, labels, group_ids, anchors, self.per_group_fit, factor, moments)
             total = self.lambda_fit * parts["fit"]
         if self.lambda_sep:
-            if self.sep_method == "classifier":
+            if classifier:
                 parts["sep"] = classifier_separation_loss(anchors, head, self.samples_per_class, parts=factor)
             else:
                 parts["sep"] = w2_margin_separation_loss(anchors, self.margin)

@@ -236,6 +236,20 @@ class _GramCrossTerm(torch.autograd.Function):
         return d_y, d_x, d_w, None, None
 
 
+def anchor_rows(moments: ClassMoments, num_anchors: int) -> torch.Tensor | None:
+    """The anchor of each moment row; None when the rows are the anchors in order (no gather needed).
+
+    Pooled rows are sorted unique in-range classes, so P = C means row c is class c.
+    """
+    return None if moments.groups is None and moments.num == num_anchors else moments.classes
+
+
+def gram_route(moments: ClassMoments) -> bool:
+    """Whether the cross term goes through the n×n matrix G (n_max − 1 ≤ k) rather than the k×k one."""
+    _, n_max, k = moments.centred.shape
+    return n_max - 1 <= k
+
+
 def lowrank_bures_wasserstein_sq(
     moments: ClassMoments,
     anchor_means: torch.Tensor,
@@ -244,6 +258,7 @@ def lowrank_bures_wasserstein_sq(
     factor_scale: torch.Tensor | None = None,
     anchor_diagonal: torch.Tensor | None = None,
     factor_norm_sq: torch.Tensor | None = None,
+    batch_product: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W₂² (P,) from each batch class Gaussian to its anchor N(m_c, S_c), from small matrices.
 
@@ -251,6 +266,8 @@ def lowrank_bures_wasserstein_sq(
     anchors or (C,k,r) for low-rank ones, s = ``factor_scale`` (C,) (default 1: no product with it
     at all), d = ``anchor_diagonal`` (C,k) (default 0). ``factor_norm_sq`` (C,) is ‖F̃_c‖²_F when the
     caller has it (the anchors compute it for their norm clip); else it is computed here.
+    ``batch_product`` is X·F[rows] (unscaled, rows from ``anchor_rows``) when the caller has it
+    (``GaussianAnchors.factor_parts(batch=…)`` computes it with the factor's other products).
     The scale is applied to the small products, so F is only read by matrix products.
     When n_max − 1 ≤ k the cross term is Σ √eig of the n×n matrix G = X S Xᵀ/(n−1); G·𝟙 = 0
     (centring), so τ𝟙𝟙ᵀ/n on the real slots and τ on the diagonal of padded slots turn those
@@ -259,33 +276,32 @@ def lowrank_bures_wasserstein_sq(
     small matrix is formed and solved in float64 (``_precise``); the product X·F̃ is not.
     """
     x = moments.centred
-    num, n_max, k = x.shape
-    classes = moments.classes
-    # Pooled rows are sorted unique in-range classes, so P = C means row c is class c: no gather.
-    every_class = moments.groups is None and num == anchor_factor.shape[0]
+    k = x.shape[-1]
+    anchors = anchor_rows(moments, anchor_factor.shape[0])
 
     def rows(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if every_class else tensor.index_select(0, classes)
+        return tensor if anchors is None else tensor.index_select(0, anchors)
 
     if factor_norm_sq is None:
         factor_norm_sq = (anchor_factor * anchor_factor).sum((1, 2))
         if factor_scale is not None:
             factor_norm_sq = factor_norm_sq * factor_scale.square()
-    factor = rows(anchor_factor)
     scale = None if factor_scale is None else rows(factor_scale)[:, None, None]
     diagonal = None if anchor_diagonal is None else rows(anchor_diagonal)
     trace_anchor = rows(factor_norm_sq) + k * eps
     if diagonal is not None:
         trace_anchor = trace_anchor + diagonal.sum(-1)
     mean_term = (moments.means - rows(anchor_means)).square().sum(-1)
-    if n_max - 1 <= k:
-        y = x @ factor  # the one (n×k)·(k×k or k×r) product stays in the training dtype
+    if gram_route(moments):
+        # the one (n×k)·(k×k or k×r) product stays in the training dtype
+        y = batch_product if batch_product is not None else x @ rows(anchor_factor)
         if scale is not None:
             y = y * scale
         weights = eps if diagonal is None else diagonal + eps
         batch_minus_cross = _GramCrossTerm.apply(y, x, weights, moments.counts, moments.mask)
     else:
-        factor = _precise(factor) if scale is None else _precise(factor) * _precise(scale)
+        factor = _precise(rows(anchor_factor))
+        factor = factor if scale is None else factor * _precise(scale)
         ridge = eps * torch.eye(k, dtype=factor.dtype, device=factor.device)
         if diagonal is not None:
             ridge = ridge + torch.diag_embed(_precise(diagonal))
