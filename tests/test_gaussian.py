@@ -14,6 +14,7 @@ from tdro.objectives.gaussian import (
     diagonal_bures_wasserstein_sq,
     diagonal_moments_bures_wasserstein_sq,
     lowrank_bures_wasserstein_sq,
+    symmetric_eigh,
 )
 
 EPS = 1e-4
@@ -302,3 +303,19 @@ def test_class_moments_rejects_bad_arguments(kwargs, match):
     arguments = {"latents": torch.zeros(4, 2), "labels": torch.zeros(4, dtype=torch.long), "num_classes": 2}
     with pytest.raises(ValueError, match=match):
         class_moments(**{**arguments, **kwargs})
+
+
+@pytest.mark.parametrize("n", [3, 32, 33, 64])
+def test_symmetric_eigh_matches_numpy_on_both_sides_of_the_cusolver_batch_limit(n):
+    """The one eigen-solver of the Bures terms: numpy's eigh (independent LAPACK call) on repeated and spread spectra."""
+    rng = np.random.default_rng(n)
+    basis = np.linalg.qr(rng.normal(size=(4, n, n)))[0]
+    spectra = np.stack([np.repeat([2.0, 0.5], [n // 2, n - n // 2]), np.logspace(-12, 3, n),
+                        np.zeros(n), rng.uniform(size=n)])
+    matrices = torch.tensor(basis @ (spectra[:, :, None] * basis.transpose(0, 2, 1)))
+    values, vectors = symmetric_eigh(matrices)
+    reference = np.linalg.eigvalsh(matrices.numpy())
+    np.testing.assert_allclose(values.numpy(), reference, atol=1e-12 * 1e3)
+    np.testing.assert_allclose(symmetric_eigh(matrices, vectors=False).numpy(), reference, atol=1e-12 * 1e3)
+    rebuilt = vectors @ torch.diag_embed(values) @ vectors.transpose(1, 2)
+    np.testing.assert_allclose(rebuilt.numpy(), matrices.numpy(), atol=1e-11 * 1e3)

@@ -129,6 +129,22 @@ def _precise(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float64))
 
 
+def symmetric_eigh(matrix: torch.Tensor, vectors: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``eigh`` (or ``eigvalsh``) of a batch of small symmetric matrices, solved in host memory when on CUDA.
+
+    cuSOLVER's batched eigh is fast only up to n = 32 and loops per matrix above (pytorch#175585,
+    #174674), and cu130 builds are 30–130× slower than older ones even at 3×3 (pytorch#183806).
+    The matrices here are at most min(n_max, k + 1) wide (the n×n or k×k route, whichever is
+    smaller), a few kB to MB in float64, so the round trip to the CPU's LAPACK is the safer choice.
+    Chosen from those reports: no GPU was lent to measure it (see the issue 15 note).
+    """
+    solve = torch.linalg.eigh if vectors else torch.linalg.eigvalsh
+    if matrix.device.type != "cuda":
+        return solve(matrix)
+    result = solve(matrix.cpu())
+    return tuple(t.to(matrix.device) for t in result) if vectors else result.to(matrix.device)
+
+
 def _sqrt_eigenvalue_sum(matrix: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Σ √λ over the eigenvalues of symmetric PSD matrices (…,n,n); λ at round-off level counts as 0.
 
@@ -136,7 +152,7 @@ def _sqrt_eigenvalue_sum(matrix: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     indistinguishable from 0, and would otherwise give √'s infinite derivative at 0. Pass float64
     matrices (``_precise``): in float32 that floor is above real eigenvalues of spread spectra.
     """
-    eigenvalues = torch.linalg.eigvalsh(matrix)
+    eigenvalues = symmetric_eigh(matrix, vectors=False)
     info = torch.finfo(matrix.dtype)
     floor = (matrix.shape[-1] * info.eps * scale.detach()).clamp_min(info.tiny)[..., None]
     real = eigenvalues > floor
@@ -209,7 +225,7 @@ class _GramCrossTerm(torch.autograd.Function):
         valid = _precise(mask)
         unit = valid / counts64.sqrt()[:, None]
         gram += tau[:, None, None] * (unit[:, :, None] * unit[:, None, :] + torch.diag_embed(1 - valid))
-        eigenvalues, vectors = torch.linalg.eigh(gram)
+        eigenvalues, vectors = symmetric_eigh(gram)
         floor = (gram.shape[-1] * torch.finfo(gram.dtype).eps * trace_gram).clamp_min(torch.finfo(gram.dtype).tiny)
         real = eigenvalues > floor[:, None]
         roots = torch.where(real, eigenvalues, 0.0).sqrt_()
