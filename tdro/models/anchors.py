@@ -29,6 +29,7 @@ class FactorParts(NamedTuple):
     norm_sq: torch.Tensor  # (C,) ‖L̃_c‖²_F = tr L̃_cL̃_cᵀ, with gradient
     batch_product: torch.Tensor | None = None  # X·L[rows] (P,n,r) for the fit, unscaled (factor_parts(batch=…))
     noise_product: torch.Tensor | None = None  # Z·Lᵀ (C,J,k) for the samples, unscaled (factor_parts(noise=…))
+    diagonal: torch.Tensor | None = None  # d = softplus(ρ) (C,k) of low-rank anchors, None for full ones
 
     def factor(self) -> torch.Tensor:
         """L̃ (or Ũ) as one tensor."""
@@ -178,13 +179,14 @@ class GaussianAnchors(nn.Module):
         raw = self.U if self.lowrank else self.L
         with torch.autocast(raw.device.type, enabled=False):
             norm_sq, batch_product, noise_product = _FactorProducts.apply(raw, batch, rows, noise)
+        diagonal = self.diagonal_part() if self.lowrank else None
         low, high = FACTOR_NORM_RANGE
         squares = norm_sq.detach()
         if bool(((squares >= low**2) & (squares <= high**2)).all()):
-            return FactorParts(raw, None, norm_sq, batch_product, noise_product)
+            return FactorParts(raw, None, norm_sq, batch_product, noise_product, diagonal)
         norm = norm_sq.clamp_min(torch.finfo(raw.dtype).tiny).sqrt()
         clipped = norm.clamp(low, high)
-        return FactorParts(raw, clipped / norm, clipped.square(), batch_product, noise_product)
+        return FactorParts(raw, clipped / norm, clipped.square(), batch_product, noise_product, diagonal)
 
     def factor_noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(C, n, r) standard normal noise for n draws per class (r = k full, the rank low-rank), for ``factor_parts``."""
@@ -247,5 +249,5 @@ class GaussianAnchors(nn.Module):
         spread = parts.noise_product if parts.scale is None else parts.noise_product * parts.scale[:, None, None]
         draws = means + spread
         if self.lowrank:
-            return draws + ridge_noise * (self.diagonal_part() + self.eps).sqrt()[:, None, :]
+            return draws + ridge_noise * (parts.diagonal + self.eps).sqrt()[:, None, :]
         return draws.add(ridge_noise, alpha=math.sqrt(self.eps))

@@ -71,9 +71,8 @@ def fit_loss(
         else:
             if parts is None:
                 parts = anchors.factor_parts(*fit_factor_inputs(moments, anchors.num_classes))
-            diagonal = anchors.diagonal_part() if anchors.lowrank else None
             distances = lowrank_bures_wasserstein_sq(moments, anchors.means, parts.raw, anchors.eps, parts.scale,
-                                                     diagonal, parts.norm_sq, parts.batch_product)
+                                                     parts.diagonal, parts.norm_sq, parts.batch_product)
     if not per_group_fit:
         return distances.mean()
     _, group_index, rows_per_group = torch.unique(moments.groups, return_inverse=True, return_counts=True)
