@@ -8,8 +8,9 @@ Each repeat runs, in fresh processes:
   summary); it lists which heavy modules training pulled in;
 * ``python -m tdro train`` (the whole command, wall clock);
 * with ``--make-run``: ``python -m tdro report --train`` (what ``make run`` runs), split into its
-  notebook cells (papermill's per-cell durations), the HTML export (timed in a child of its own)
-  and the rest: papermill, kernel start and stop.
+  notebook cells (papermill's per-cell durations), the HTML export (timed in a child of its own,
+  once its exporter is built: make run builds it while the kernel works) and the rest: papermill,
+  kernel start and warm-up (the notebook's imports, before its first cell) and stop.
 
 Runs are written under a temporary folder. Medians over repeats are printed, in seconds.
 
@@ -71,8 +72,9 @@ print(json.dumps({"seconds": seconds, "heavy": heavy,
 
 EXPORT = r"""
 import sys, time
+from tdro.reports import export_html, offline_exporter
+offline_exporter()  # make run builds it while the kernel works
 begun = time.perf_counter()
-from tdro.reports import export_html
 export_html(sys.argv[1], sys.argv[2])
 print(time.perf_counter() - begun)
 """

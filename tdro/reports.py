@@ -13,15 +13,24 @@ a kernel, show their plain-text form (what the view is, where its static version
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import nbformat
+# jsonschema (imported by nbformat) compiles an RFC 3987 grammar at import, ~1 s, when rfc3987-syntax is installed
+# (jupyter-events pulls it in), for its "iri" format check; nbformat validates no string format, so it is left out
+sys.modules.setdefault("rfc3987_syntax", None)
+import nbformat  # noqa: E402
 
 TRAIN_NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
 REPORT_NOTEBOOK = "report.ipynb"
 REPORT_HTML = "report.html"
+# what the train notebook imports first: its kernel imports them while this process reads the Config
+KERNEL_WARM_UP = "import pandas, tdro.viz.notebook, tdro.training.trainer"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 OFFLINE_TEMPLATE = "tdro_offline.html.j2"
 # nbconvert's lab page without its CDN scripts (require.js, the widget manager, MathJax, Mermaid)
@@ -44,19 +53,28 @@ def offline_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
-def export_html(notebook: str | Path, html: str | Path | None = None) -> Path:
-    """Export an executed notebook to HTML that needs no network and no kernel (default: beside it, ``.html``)."""
+@functools.cache
+def offline_exporter() -> Any:
+    """nbconvert's HTML exporter without its CDN scripts, built once and warmed on a small notebook: importing
+    nbconvert and compiling its templates take ~0.7 s, which a report spends while its kernel works."""
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-    notebook = Path(notebook)
-    html = Path(html) if html is not None else notebook.with_suffix(".html")
     exporter = HTMLExporter(template_name="lab", template_file=OFFLINE_TEMPLATE,
                             extra_loaders=[DictLoader({OFFLINE_TEMPLATE: OFFLINE_TEMPLATE_SOURCE})])
     # a progress bar's frames (text ended by \r) show as the last frame, as in JupyterLab, not all of them
     exporter.register_preprocessor(CoalesceStreamsPreprocessor, enabled=True)
-    body, _ = exporter.from_notebook_node(offline_notebook(nbformat.read(notebook, as_version=4)))
+    exporter.from_notebook_node(new_notebook(cells=[new_markdown_cell("*warm-up*"), new_code_cell("1")]))
+    return exporter
+
+
+def export_html(notebook: str | Path, html: str | Path | None = None) -> Path:
+    """Export an executed notebook to HTML that needs no network and no kernel (default: beside it, ``.html``)."""
+    notebook = Path(notebook)
+    html = Path(html) if html is not None else notebook.with_suffix(".html")
+    body, _ = offline_exporter().from_notebook_node(offline_notebook(nbformat.read(notebook, as_version=4)))
     html.write_text(body, encoding="utf-8")
     return html
 
@@ -72,13 +90,52 @@ def check_can_execute(kernel: str) -> None:
                          f"installed: {sorted(find_kernel_specs())}; choose one with --kernel")
 
 
-def execute_train_notebook(out: Path, parameters: Mapping[str, Any], kernel: str) -> Path:
-    """Execute notebooks/train.ipynb with papermill into ``out``, then export it offline; the HTML path."""
+@contextmanager
+def started_kernel(kernel: str) -> Iterator[Any]:
+    """A Jupyter kernel for papermill, started now: it boots and imports what the train notebook needs
+    (``KERNEL_WARM_UP``) on a second core while this process reads the Config; when done it is stopped at once.
+
+    A graceful stop would wait ~1 s for the kernel's interpreter to tear torch down; every file the notebook writes
+    is closed when its last cell is done. nbclient leaves a kernel it did not start running and its own client
+    open: the kernel is stopped here, with every client made for it."""
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_client.session import Session
+    from jupyter_core.utils import run_sync
+
+    clients = []
+
+    class Kernel(AsyncKernelManager):
+        """A kernel manager that keeps the clients it makes, to stop them with the kernel."""
+
+        def client(self, **kwargs: Any) -> Any:
+            clients.append(super().client(**kwargs))
+            return clients[-1]
+
+    manager = Kernel(kernel_name=kernel)
+    run_sync(manager.start_kernel)()
+    try:
+        # a session of its own: the kernel routes replies by session, so one shared with nbclient's client would
+        # take nbclient's replies whenever it connected last
+        warm_up = manager.client(session=Session(key=manager.session.key))
+        warm_up.start_channels(iopub=False, stdin=False, hb=False, control=False)
+        warm_up.execute(KERNEL_WARM_UP, silent=True)  # no output, no execution count; the notebook queues behind it
+        yield manager
+    finally:
+        for client in clients:
+            client.stop_channels()
+        run_sync(manager.shutdown_kernel)(now=True)
+
+
+def execute_train_notebook(out: Path, parameters: Mapping[str, Any], manager: Any) -> Path:
+    """Execute notebooks/train.ipynb with papermill on a ``started_kernel`` into ``out``; the notebook's path."""
     import papermill
 
-    papermill.execute_notebook(str(TRAIN_NOTEBOOK), str(out), parameters=dict(parameters), kernel_name=kernel,
-                               progress_bar=False)
-    return export_html(out, out.with_name(REPORT_HTML))
+    building = threading.Thread(target=offline_exporter)  # export_html's exporter, built while the kernel works
+    building.start()
+    papermill.execute_notebook(str(TRAIN_NOTEBOOK), str(out), parameters=dict(parameters),
+                               kernel_name=manager.kernel_name, progress_bar=False, km=manager)
+    building.join()
+    return out
 
 
 def render_report(run_dir: str | Path, kernel: str = "tdro") -> Path:
@@ -88,7 +145,9 @@ def render_report(run_dir: str | Path, kernel: str = "tdro") -> Path:
         raise FileNotFoundError(f"{run_dir} holds no finished run (no summary.json); "
                                 f"resume it with `python -m tdro train --resume {run_dir}`")
     check_can_execute(kernel)
-    return execute_train_notebook(run_dir / REPORT_NOTEBOOK, {"render_run": str(run_dir)}, kernel)
+    with started_kernel(kernel) as manager:
+        notebook = execute_train_notebook(run_dir / REPORT_NOTEBOOK, {"render_run": str(run_dir)}, manager)
+    return export_html(notebook, notebook.with_name(REPORT_HTML))
 
 
 def train_report(files: Iterable[str | Path] = (), overrides: Mapping[str, Any] | None = None,
@@ -97,17 +156,20 @@ def train_report(files: Iterable[str | Path] = (), overrides: Mapping[str, Any] 
 
     The run directory is chosen before the notebook starts (the trainer's own naming), so the
     executed notebook is the run's report, training output included."""
-    from tdro.config import Config, coerce_overrides
-    from tdro.training.trainer import new_run_dir
-
-    files = [str(Path(f).resolve()) for f in files]  # the notebook's kernel runs from the project root
-    overrides = coerce_overrides(overrides or {})
-    config = Config.load(files, overrides)  # the notebook's first cell checks the same; fail before a kernel starts
-    run_dir = new_run_dir(config).resolve()
-    if (run_dir / "config.yaml").exists():
-        raise FileExistsError(f"run directory {run_dir} already holds a run; render it with "
-                              f"`python -m tdro report {run_dir}` or choose another run_name")
     check_can_execute(kernel)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    parameters = {**overrides, "parameters_file": files, "output_dir": str(run_dir.parent), "run_name": run_dir.name}
-    return execute_train_notebook(run_dir / REPORT_NOTEBOOK, parameters, kernel)
+    with started_kernel(kernel) as manager:  # it starts while the Config is read: torch's import here and there
+        from tdro.config import Config, coerce_overrides
+        from tdro.training.trainer import new_run_dir
+
+        files = [str(Path(f).resolve()) for f in files]  # the notebook's kernel runs from the project root
+        overrides = coerce_overrides(overrides or {})
+        config = Config.load(files, overrides)  # the notebook's first cell checks the same; fail before it runs
+        run_dir = new_run_dir(config).resolve()
+        if (run_dir / "config.yaml").exists():
+            raise FileExistsError(f"run directory {run_dir} already holds a run; render it with "
+                                  f"`python -m tdro report {run_dir}` or choose another run_name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        parameters = {**overrides, "parameters_file": files, "output_dir": str(run_dir.parent),
+                      "run_name": run_dir.name}
+        notebook = execute_train_notebook(run_dir / REPORT_NOTEBOOK, parameters, manager)
+    return export_html(notebook, notebook.with_name(REPORT_HTML))

@@ -3,6 +3,7 @@ checked for what a reader needs: the files in the run directory, figures as PNG 
 reads with no network (no external script, stylesheet or frame source) and no kernel."""
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
-from tdro.reports import export_html
+from tdro.reports import export_html, started_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("losses", "group_accuracy", "group_weights", "learning_rates", "latent_view", "latent_epochs", "confusions")
@@ -57,6 +58,38 @@ def kernel() -> str:
     return "tdro" if "tdro" in find_kernel_specs() else "python3"
 
 
+def test_the_report_process_skips_jsonschema_s_iri_grammar():
+    """jsonschema compiles an RFC 3987 grammar at import (~1 s) for a format nbformat never checks."""
+    code = "import sys, tdro.reports, papermill; assert sys.modules['rfc3987_syntax'] is None, 'grammar imported'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_started_kernel_is_warm_then_stopped_with_its_clients(kernel):
+    """The kernel imports the notebook's modules before its first cell (no output, no execution count), answers
+    the client papermill makes at once (the warm-up's client has a session of its own: the kernel routes replies
+    by session), and is stopped with every client made for it, also when the report fails."""
+    from jupyter_core.utils import run_sync
+
+    printed = []
+    with started_kernel(kernel) as manager:
+        client = manager.client()
+        client.start_channels()
+        run_sync(client.wait_for_ready)(timeout=30)
+        reply = run_sync(client.execute_interactive)(
+            "import sys; print('tdro.training.trainer' in sys.modules, 'tdro.viz.notebook' in sys.modules)",
+            timeout=60, output_hook=lambda msg: printed.append(msg["content"].get("text", "")))
+    assert "".join(printed).split() == ["True", "True"] and reply["content"]["execution_count"] == 1
+    assert not run_sync(manager.is_alive)() and not client.channels_running
+    with pytest.raises(RuntimeError, match="report failed"), started_kernel(kernel) as manager:
+        client = manager.client()
+        client.start_channels()
+        run_sync(client.wait_for_ready)(timeout=30)
+        raise RuntimeError("report failed")
+    assert not run_sync(manager.is_alive)() and not client.channels_running
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, kernel) -> tuple[Path, subprocess.CompletedProcess]:
     """`python -m tdro report --train` (make run's command) on a 2-epoch digits run."""
@@ -77,7 +110,13 @@ def test_train_report_writes_the_run_directory_report(trained):
         assert (run_dir / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
         assert (run_dir / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-", name
     nb = nbformat.read(run_dir / "report.ipynb", as_version=4)
-    assert "run directory:" in "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert "run directory:" in "".join(o.get("text", "") for o in outputs)
+    shown = {base64.b64decode(o["data"]["image/png"]): o["metadata"]["image/png"]["width"]
+             for o in outputs if "image/png" in o.get("data", {})}
+    for name in FIGURES:  # the report shows the saved PNG itself (one render), at half its 200-dpi width
+        png = (run_dir / "figures" / f"{name}.png").read_bytes()
+        assert shown[png] == round(int.from_bytes(png[16:20], "big") / 2), name
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from tdro import viz  # noqa: E402
 from tdro.config import Config, ConfigError  # noqa: E402
 from tdro.runs import append_jsonl, load_run, write_json_atomic  # noqa: E402
 from tdro.training.metrics import metrics_from_counts  # noqa: E402
+from tdro.viz import static  # noqa: E402
 from tdro.viz.notebook import (config_from_namespace, config_overrides, injected_names,  # noqa: E402
                                parameters_source)
 
@@ -97,6 +98,15 @@ def write_run(root: Path, name: str, *, epochs: int = 3, groupdro: bool = True, 
 @pytest.fixture
 def run_dir(tmp_path):
     return write_run(tmp_path, "run_a")
+
+
+def png_pixels(fig) -> np.ndarray:
+    """A figure's pixels as ``show`` renders it (100 dpi, tight); the figure is closed."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    return np.asarray(Image.open(BytesIO(viz.figure_png(fig))))
 
 
 @pytest.fixture(autouse=True)
@@ -183,6 +193,19 @@ def test_latent_view_marks_groups_and_draws_anchor_ellipses(run_dir):
         viz.load_latents(run_dir, 7)
 
 
+def test_a_latent_view_moved_to_another_epoch_draws_that_epoch_s_view(run_dir):
+    """The animation moves one view's artists from epoch to epoch: each frame is the picture a new view draws."""
+    later = viz.load_latents(run_dir, 3)
+    pictures = []
+    for start in (viz.load_latents(run_dir, 1), later):
+        fig, ax = plt.subplots(figsize=(7.5, 6), constrained_layout=True)
+        view = viz.LatentView(ax, start)
+        view.update(later)
+        ax.set(xlim=(-6, 6), ylim=(-6, 6))
+        pictures.append(png_pixels(fig))
+    assert np.array_equal(*pictures)
+
+
 def test_latent_epochs_figure_and_runs_without_latents(tmp_path, run_dir):
     assert len(viz.plot_latent_epochs(run_dir, max_panels=2).axes) == 2
     bare = write_run(tmp_path, "bare", latents=False)
@@ -197,6 +220,32 @@ def test_confusions_one_heatmap_per_group(run_dir):
     summary = load_run(run_dir).summary
     annotations = [int(t.get_text()) for t in fig.axes[0].texts]
     assert annotations == np.asarray(summary["test"]["group_confusion"]["mnist"]).ravel().tolist()
+
+
+@pytest.mark.parametrize("classes", [CLASSES, [f"category_{i}" for i in range(8)], [str(i) for i in range(16)]],
+                         ids=["short labels", "long labels", "no counts"])
+def test_confusion_heatmaps_are_the_pixels_seaborn_drew(classes):
+    """The heatmaps are drawn without seaborn (its import cost a report ~1 s): the same picture as seaborn.heatmap,
+    overlapping tick labels turned alike."""
+    import seaborn as sns
+
+    rng = np.random.default_rng(len(classes))
+    matrices = [rng.integers(0, 40, size=(len(classes), len(classes))) for _ in GROUPS]
+    annotate = len(classes) <= 12
+    pictures = []
+    for with_seaborn in (True, False):
+        fig, axes = plt.subplots(1, len(matrices), figsize=(9.2, 4.2), constrained_layout=True)
+        for ax, matrix in zip(axes, matrices):
+            if with_seaborn:
+                sns.heatmap(matrix, ax=ax, annot=annotate, fmt="d", cmap="Blues", cbar=False, square=True,
+                            xticklabels=classes, yticklabels=classes, annot_kws={"fontsize": 7})
+            else:
+                static._count_heatmap(ax, matrix, classes, annotate)
+            ax.set(xlabel="predicted", ylabel="true", title="group")
+        if not with_seaborn:
+            static._turn_overlapping_ticklabels(fig)
+        pictures.append(png_pixels(fig))
+    assert np.array_equal(*pictures)
 
 
 def test_run_tables(run_dir):
@@ -266,6 +315,27 @@ def test_save_figure_writes_png_and_pdf(tmp_path, run_dir):
     assert written[0].read_bytes()[:4] == b"\x89PNG" and written[1].read_bytes()[:5] == b"%PDF-"
     viz.show(viz.plot_learning_rates(run_dir), save_as=tmp_path / "figures" / "lr")
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"losses.png", "losses.pdf", "lr.png", "lr.pdf"}
+
+
+def test_show_displays_the_saved_png_itself_at_the_size_of_its_dpi(monkeypatch, tmp_path, run_dir):
+    """One PNG render a figure: the notebook shows the saved 200-dpi file's bytes at a 100-dpi rendering's width."""
+    import IPython.display
+    from matplotlib.figure import Figure
+
+    shown, formats = [], []
+    savefig = Figure.savefig
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    monkeypatch.setattr(Figure, "savefig", lambda fig, target, **kwargs: formats.append(Path(target).suffix)
+                        or savefig(fig, target, **kwargs))
+    viz.show(viz.plot_losses(run_dir), save_as=tmp_path / "losses")
+    assert formats == [".png", ".pdf"]
+    (image,) = shown
+    assert image.data == (tmp_path / "losses.png").read_bytes()
+    assert image.width == round(static.png_size(image.data)[0] / 2) and image.alt.startswith("Loss")
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    assert abs(image.width - static.png_size(viz.figure_png(viz.plot_losses(run_dir)))[0]) <= 1
+    viz.show(viz.plot_losses(run_dir))  # nothing saved: a 100-dpi rendering at its own size
+    assert shown[-1].width is None and static.png_size(shown[-1].data)[0] == pytest.approx(image.width, abs=1)
 
 
 def test_latent_animation_embeds_every_frame_and_needs_no_network(tmp_path, run_dir):

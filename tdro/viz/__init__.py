@@ -3,8 +3,10 @@
 - ``tdro.viz.static``: one function per figure or table the notebooks show (losses, per-group
   accuracy, GroupDRO weights, learning rates, latent view with anchor ellipses, confusion matrices,
   run tables, multi-run curves; the diagnostics: alignment, selection, ``diagnostics_note``),
-  ``show(fig, save_as=...)``, which displays a figure as PNG with any backend (and saves it as PNG + PDF), ``group_colors`` (one colour-vision-safe colour per group,
-  everywhere) and ``latent_animation`` (the latent evolution as offline HTML/JS).
+  ``show(fig, save_as=...)``, which displays a figure as PNG with any backend (and saves it as PNG + PDF, the
+  displayed image being the saved PNG), ``group_colors`` (one colour-vision-safe colour per group,
+  everywhere) and ``latent_animation`` (the latent evolution as offline HTML/JS, frames drawn by moving one
+  ``LatentView``'s artists).
 - ``tdro.viz.widgets``: ``LatentExplorer`` (epoch stepping in the latent view) and
   ``RunDashboard`` (run selection, filters, metric overlay, weights, summary).
 - ``tdro.viz.notebook``: notebook parameters → Config (papermill ``-p``/``-f`` semantics).
@@ -12,19 +14,19 @@
 
 Widgets are imported on first use, so ``import tdro.viz`` does not need ipywidgets.
 """
-from tdro.viz.static import (OKABE_ITO, LatentSnapshot, class_colors, diagnostics_note, ellipse_parameters,
-                             figure_png, group_colors, latent_animation, latent_epochs, load_latents, metric_columns,
-                             plot_alignment, plot_confusions, plot_group_accuracy, plot_group_weights,
-                             plot_latent_epochs, plot_latent_view, plot_latents, plot_learning_rates, plot_losses,
-                             plot_metric_curves, plot_selection, plot_weights_by_run, run_facts, run_group_colors,
-                             run_metrics_table, save_figure, show, summary_table)
+from tdro.viz.static import (OKABE_ITO, LatentSnapshot, LatentView, class_colors, diagnostics_note,
+                             ellipse_parameters, figure_png, group_colors, latent_animation, latent_epochs,
+                             load_latents, metric_columns, plot_alignment, plot_confusions, plot_group_accuracy,
+                             plot_group_weights, plot_latent_epochs, plot_latent_view, plot_latents,
+                             plot_learning_rates, plot_losses, plot_metric_curves, plot_selection, plot_weights_by_run,
+                             run_facts, run_group_colors, run_metrics_table, save_figure, show, summary_table)
 
 __all__ = [
-    "OKABE_ITO", "LatentExplorer", "LatentSnapshot", "RunDashboard", "class_colors", "diagnostics_note",
-    "ellipse_parameters", "figure_png", "group_colors", "latent_animation", "latent_epochs", "load_latents",
-    "metric_columns", "plot_alignment", "plot_confusions", "plot_group_accuracy", "plot_group_weights",
-    "plot_latent_epochs", "plot_latent_view", "plot_latents", "plot_learning_rates", "plot_losses",
-    "plot_metric_curves", "plot_selection", "plot_weights_by_run", "run_facts", "run_group_colors",
+    "OKABE_ITO", "LatentExplorer", "LatentSnapshot", "LatentView", "RunDashboard", "class_colors",
+    "diagnostics_note", "ellipse_parameters", "figure_png", "group_colors", "latent_animation", "latent_epochs",
+    "load_latents", "metric_columns", "plot_alignment", "plot_confusions", "plot_group_accuracy",
+    "plot_group_weights", "plot_latent_epochs", "plot_latent_view", "plot_latents", "plot_learning_rates",
+    "plot_losses", "plot_metric_curves", "plot_selection", "plot_weights_by_run", "run_facts", "run_group_colors",
     "run_metrics_table", "save_figure", "show", "summary_table",
 ]
 

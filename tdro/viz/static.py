@@ -34,6 +34,7 @@ LOSS_PARTS = ("cls", "fit", "sep")
 OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000")
 REFERENCE_COLOR = "0.3"  # per-epoch worst group, train accuracy: lines that are no group
 FIGURE_FORMATS = ("png", "pdf")
+SAVE_DPI = 200  # of the saved PNG
 METRIC_LABELS = {
     "acc": "accuracy", "worst_group_acc": "worst-group acc", "balanced_acc": "balanced acc", "loss": "loss",
     "worst_group_loss": "worst-group loss", "macro_f1": "macro F1", "worst_group": "worst group",
@@ -51,6 +52,11 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) in pixels of PNG bytes, read from their header (no decoding)."""
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
 def figure_description(fig: Figure) -> str:
     """A one-line text description of a figure (its title and panel titles), for alt text."""
     parts = [fig._suptitle.get_text()] if getattr(fig, "_suptitle", None) is not None else []
@@ -58,7 +64,7 @@ def figure_description(fig: Figure) -> str:
     return "; ".join(dict.fromkeys(p for p in parts if p)) or "figure"
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = 200) -> list[Path]:
+def save_figure(fig: Figure, path: str | Path, dpi: int = SAVE_DPI) -> list[Path]:
     """Write a figure as ``<path>.png`` and ``<path>.pdf`` (for papers), creating the folder; the figure stays open."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,14 +79,18 @@ def show(fig: Figure, dpi: int = 100, save_as: str | Path | None = None) -> None
 
     Works with any matplotlib backend (``MPLBACKEND=agg`` under papermill included), so executed
     notebooks and their HTML exports always carry the picture. ``save_as`` (a path without suffix,
-    e.g. ``run.path / "figures" / "losses"``) also writes it as PNG and PDF (``save_figure``).
+    e.g. ``run.path / "figures" / "losses"``) also writes it as PNG and PDF (``save_figure``); the
+    notebook then shows the saved PNG's bytes, drawn once, at the size of a ``dpi`` rendering.
     """
     from IPython.display import Image, display
 
-    if save_as is not None:
-        save_figure(fig, save_as)
     alt = figure_description(fig)
-    display(Image(data=figure_png(fig, dpi), format="png", alt=alt))
+    if save_as is None:
+        display(Image(data=figure_png(fig, dpi), format="png", alt=alt))
+        return
+    png = save_figure(fig, save_as)[0].read_bytes()
+    plt.close(fig)
+    display(Image(data=png, format="png", alt=alt, width=round(png_size(png)[0] * dpi / SAVE_DPI)))
 
 
 def as_run(run: str | Path | Run) -> Run:
@@ -423,12 +433,12 @@ def load_latents(run_dir: str | Path | Run, epoch: int | None = None) -> LatentS
 
 def class_colors(num_classes: int) -> list:
     """One colour per class (tab10 up to 10 classes, tab20 up to 20, then husl)."""
-    import seaborn as sns
-
     if num_classes <= 10:
         return list(plt.get_cmap("tab10").colors[:num_classes])
     if num_classes <= 20:
         return list(plt.get_cmap("tab20").colors[:num_classes])
+    import seaborn as sns  # only here: importing it (and SciPy with it) takes ~1 s
+
     return sns.color_palette("husl", num_classes)
 
 
@@ -446,29 +456,61 @@ def plot_latents(snapshot: LatentSnapshot, ax=None, legend: bool = True, title: 
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(7.5, 6), constrained_layout=True)
-    colors = class_colors(len(snapshot.class_names))
-    for g, group in enumerate(snapshot.group_names):
-        mask = snapshot.groups == g
-        ax.scatter(snapshot.points[mask, 0], snapshot.points[mask, 1], c=[colors[int(y)] for y in snapshot.labels[mask]],
-                   marker=MARKERS[g % len(MARKERS)], s=18, alpha=0.65, linewidths=0, label=f"group {group}")
-    for c, name in enumerate(snapshot.class_names):
-        width, height, angle = ellipse_parameters(snapshot.covariances[c])
-        ax.add_patch(Ellipse(snapshot.means[c], width, height, angle=angle, fill=False, lw=1.6, color=colors[c]))
-        ax.scatter(*snapshot.means[c], marker="X", s=140, color=colors[c], edgecolors="black", linewidths=0.8, zorder=4)
-        ax.annotate(name, snapshot.means[c], textcoords="offset points", xytext=(6, 6), fontsize=8, weight="bold")
-    ev = snapshot.explained_variance
-    ax.set(xlabel=f"PC 1 ({ev[0]:.0%} of variance)", ylabel=f"PC 2 ({ev[1]:.0%})",
-           title=title or f"Validation latents, epoch {snapshot.epoch} (X = anchor mean, ellipse = 2σ)")
-    ax.autoscale_view()
-    if legend:
-        from matplotlib.lines import Line2D
-
-        handles = [Line2D([], [], ls="none", marker=MARKERS[g % len(MARKERS)], color="0.3", label=f"group {name}")
-                   for g, name in enumerate(snapshot.group_names)]
-        handles += [Line2D([], [], ls="none", marker="o", color=colors[c], label=f"class {name}")
-                    for c, name in enumerate(snapshot.class_names)]
-        ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    LatentView(ax, snapshot, legend, title)
     return fig if fig is not None else ax.figure
+
+
+class LatentView:
+    """The artists of one latent view (``plot_latents``); ``update`` moves them to another epoch's snapshot,
+    so an animation's frames change the data of the same artists instead of redrawing the axes."""
+
+    def __init__(self, ax, snapshot: LatentSnapshot, legend: bool = True, title: str | None = None) -> None:
+        self.ax, self.title = ax, title
+        self.colors = class_colors(len(snapshot.class_names))
+        self.points = []
+        for g, group in enumerate(snapshot.group_names):
+            mask = snapshot.groups == g
+            self.points.append(ax.scatter(snapshot.points[mask, 0], snapshot.points[mask, 1],
+                                          c=[self.colors[int(y)] for y in snapshot.labels[mask]],
+                                          marker=MARKERS[g % len(MARKERS)], s=18, alpha=0.65, linewidths=0,
+                                          label=f"group {group}"))
+        self.ellipses, self.means, self.names = [], [], []
+        for c, name in enumerate(snapshot.class_names):
+            width, height, angle = ellipse_parameters(snapshot.covariances[c])
+            self.ellipses.append(ax.add_patch(Ellipse(snapshot.means[c], width, height, angle=angle, fill=False,
+                                                      lw=1.6, color=self.colors[c])))
+            self.means.append(ax.scatter(*snapshot.means[c], marker="X", s=140, color=self.colors[c],
+                                         edgecolors="black", linewidths=0.8, zorder=4))
+            self.names.append(ax.annotate(name, snapshot.means[c], textcoords="offset points", xytext=(6, 6),
+                                          fontsize=8, weight="bold"))
+        self._label(snapshot)
+        ax.autoscale_view()
+        if legend:
+            from matplotlib.lines import Line2D
+
+            handles = [Line2D([], [], ls="none", marker=MARKERS[g % len(MARKERS)], color="0.3", label=f"group {name}")
+                       for g, name in enumerate(snapshot.group_names)]
+            handles += [Line2D([], [], ls="none", marker="o", color=self.colors[c], label=f"class {name}")
+                        for c, name in enumerate(snapshot.class_names)]
+            ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+    def _label(self, snapshot: LatentSnapshot) -> None:
+        ev = snapshot.explained_variance
+        self.ax.set(xlabel=f"PC 1 ({ev[0]:.0%} of variance)", ylabel=f"PC 2 ({ev[1]:.0%})",
+                    title=self.title or f"Validation latents, epoch {snapshot.epoch} (X = anchor mean, ellipse = 2σ)")
+
+    def update(self, snapshot: LatentSnapshot) -> None:
+        """Show ``snapshot`` (the same run's groups and classes) with these artists; the axis limits stay."""
+        for g, points in enumerate(self.points):
+            mask = snapshot.groups == g
+            points.set_offsets(snapshot.points[mask])
+            points.set_facecolor([self.colors[int(y)] for y in snapshot.labels[mask]])
+        for c, (ellipse, mean, name) in enumerate(zip(self.ellipses, self.means, self.names)):
+            width, height, angle = ellipse_parameters(snapshot.covariances[c])
+            ellipse.set(center=snapshot.means[c], width=width, height=height, angle=angle)
+            mean.set_offsets([snapshot.means[c]])
+            name.xy = tuple(snapshot.means[c])
+        self._label(snapshot)
 
 
 def _no_latents_figure(run: Run) -> Figure:
@@ -524,9 +566,14 @@ def latent_animation(run: str | Path | Run, max_frames: int = 40, dpi: int = 72,
     """The latent evolution as a self-contained HTML/JS player (frames embedded as PNG): reads offline, no kernel.
 
     Up to ``max_frames`` evenly spaced epochs, last included, on fixed axes (the view of each epoch is
-    its own principal axes, as in ``plot_latents``). Returns an ``IPython.display.HTML``."""
+    its own principal axes, as in ``plot_latents``). Returns an ``IPython.display.HTML``.
+
+    Every frame is one draw of the same artists moved to the next epoch (``LatentView.update``), in the
+    first frame's layout: on fixed axis limits a layout pass per frame would find the same one."""
+    from tempfile import TemporaryDirectory
+
     from IPython.display import HTML
-    from matplotlib.animation import FuncAnimation
+    from matplotlib.animation import HTMLWriter
 
     run = as_run(run)
     available = latent_epochs(run)
@@ -541,16 +588,20 @@ def latent_animation(run: str | Path | Run, max_frames: int = 40, dpi: int = 72,
     pad = 0.08 * (corners.max(axis=0) - corners.min(axis=0) + 1e-9)
     low, high = corners.min(axis=0) - pad, corners.max(axis=0) + pad
     fig, ax = plt.subplots(figsize=(7.5, 6), constrained_layout=True)
-
-    def draw(snapshot: LatentSnapshot) -> None:
-        ax.clear()
-        plot_latents(snapshot, ax=ax)
-        ax.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]))
-
-    animation = FuncAnimation(fig, draw, frames=snapshots, interval=interval_ms, cache_frame_data=False)
+    view = LatentView(ax, snapshots[0])
+    ax.set(xlim=(low[0], high[0]), ylim=(low[1], high[1]))
+    writer = HTMLWriter(fps=1000 / interval_ms, embed_frames=True, default_mode="once")
     try:
-        with plt.rc_context({"savefig.dpi": dpi}):
-            html = animation.to_jshtml(default_mode="once")
+        with TemporaryDirectory() as folder:
+            path = Path(folder) / "animation.html"
+            with writer.saving(fig, path, dpi):
+                writer.grab_frame()
+                with plt.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
+                    fig.set_layout_engine(None)  # no layout engine, whatever the style says: the layout stays
+                for snapshot in snapshots[1:]:
+                    view.update(snapshot)
+                    writer.grab_frame()
+            html = path.read_text()
     finally:
         plt.close(fig)
     return HTML(offline_animation_html(html))
@@ -559,8 +610,6 @@ def latent_animation(run: str | Path | Run, max_frames: int = 40, dpi: int = 72,
 # --------------------------------------------------------------------------------------------- confusion, tables
 def plot_confusions(run: str | Path | Run, split: str = "test") -> Figure:
     """One confusion matrix (rows: true class, columns: predicted) per group at the selected checkpoint."""
-    import seaborn as sns
-
     run = as_run(run)
     metrics = run.summary.get(split) if run.summary else None
     if not metrics:
@@ -570,12 +619,52 @@ def plot_confusions(run: str | Path | Run, split: str = "test") -> Figure:
     n = len(confusions)
     fig, axes = plt.subplots(1, n, figsize=(min(4.6 * n, 18), 4.2), constrained_layout=True, squeeze=False)
     for ax, (group, matrix) in zip(axes[0], confusions.items()):
-        matrix = np.asarray(matrix)
-        sns.heatmap(matrix, ax=ax, annot=len(classes) <= 12, fmt="d", cmap="Blues", cbar=False, square=True,
-                    xticklabels=classes, yticklabels=classes, annot_kws={"fontsize": 7})
+        _count_heatmap(ax, np.asarray(matrix), classes, annotate=len(classes) <= 12)
         acc = metrics["group_acc"].get(group)
         ax.set(xlabel="predicted", ylabel="true", title=f"{group} ({split} acc {acc:.3f})" if acc is not None else group)
+    _turn_overlapping_ticklabels(fig)
     return fig
+
+
+def _count_heatmap(ax, counts: np.ndarray, labels: Sequence[str], annotate: bool = True) -> None:
+    """A matrix of counts drawn as seaborn's ``heatmap(counts, annot=annotate, fmt="d", cmap="Blues", cbar=False,
+    square=True)`` draws it, with matplotlib alone: importing seaborn (and SciPy) cost a report ~1 s.
+
+    Tick labels that overlap are turned by ``_turn_overlapping_ticklabels`` once the figure is complete."""
+    ax.set_aspect("equal")
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    mesh = ax.pcolormesh(counts, cmap="Blues", vmin=float(counts.min()), vmax=float(counts.max()), linewidths=0,
+                         edgecolor="white")
+    ax.set(xlim=(0, counts.shape[1]), ylim=(0, counts.shape[0]))
+    ax.invert_yaxis()
+    ax.set(xticks=np.arange(counts.shape[1]) + 0.5, yticks=np.arange(counts.shape[0]) + 0.5)
+    ax.set_xticklabels(labels)
+    ax.set_yticklabels(labels, rotation="vertical", va="center")
+    if annotate:
+        mesh.update_scalarmappable()
+        for (row, column), count, color in zip(np.ndindex(counts.shape), counts.flat, mesh.get_facecolors()):
+            ax.text(column + 0.5, row + 0.5, f"{count:d}", color=".15" if _relative_luminance(color) > 0.408 else "w",
+                    ha="center", va="center", fontsize=7)
+
+
+def _relative_luminance(color) -> float:
+    """WCAG relative luminance of an RGB(A) colour: what decides dark or light text on it (as in seaborn)."""
+    from matplotlib.colors import to_rgb
+
+    rgb = np.asarray(to_rgb(color))
+    rgb = np.where(rgb <= 0.03928, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    return float(rgb @ [0.2126, 0.7152, 0.0722])
+
+
+def _turn_overlapping_ticklabels(fig: Figure) -> None:
+    """Heatmap tick labels as seaborn sets them: x labels that overlap turn vertical, y labels horizontal."""
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        for labels, rotation in ((ax.get_xticklabels(), "vertical"), (ax.get_yticklabels(), "horizontal")):
+            boxes = [label.get_window_extent() for label in labels]
+            if boxes and max(box.count_overlaps(boxes) for box in boxes) > 1:
+                plt.setp(labels, rotation=rotation)
 
 
 def run_metrics_table(run: str | Path | Run) -> pd.DataFrame:
