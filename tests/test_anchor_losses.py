@@ -319,3 +319,22 @@ def test_both_terms_gradients_in_float32_match_float64(covariance, per_group, ev
     for precise, rounded in zip(*grads):
         scale = precise.abs().max().item()
         torch.testing.assert_close(rounded.double(), precise, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("covariance", ["full", "lowrank"])
+def test_fixed_anchors_pass_gradients_to_the_latents_only(covariance):
+    """targets="random_fixed": the factor is a buffer, so the one op returns no factor gradient, only the latents'."""
+    torch.manual_seed(0)
+    rank = {"rank": 2} if covariance == "lowrank" else {}
+    anchors = GaussianAnchors(NUM_CLASSES, K, eps=1e-3, covariance=covariance, targets="random_fixed", **rank).double()
+    head = nn.Linear(K, NUM_CLASSES).double()
+    latents, labels, groups = batch(3)
+    loss = AnchorLoss(0.5, 0.5, samples_per_class=3)
+
+    def total(z):
+        torch.manual_seed(1)
+        return loss(z, labels, groups, anchors, head)["total"]
+
+    assert torch.autograd.gradcheck(total, [latents.clone().requires_grad_()])
+    total(latents.clone().requires_grad_()).backward()
+    assert all(t.grad is None for t in anchors.buffers()) and head.weight.grad is not None

@@ -58,16 +58,19 @@ class _FactorProducts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_norm_sq, d_batch_product, d_noise_product):  # noqa: D102
         factor, batch, rows, noise = ctx.saved_tensors
-        grad = d_batch = None
+        d_batch = None
+        if d_batch_product is not None and ctx.needs_input_grad[1]:
+            selected = factor if rows is None else factor.index_select(0, rows)
+            d_batch = torch.bmm(d_batch_product, selected.transpose(1, 2))
+        if not ctx.needs_input_grad[0]:  # a fixed factor (targets="random_fixed"): a buffer
+            return None, d_batch, None, None
+        grad = None
         if d_noise_product is not None:
             grad = torch.bmm(d_noise_product.transpose(1, 2), noise)
         if d_norm_sq is not None:
             weight = (2 * d_norm_sq).view(-1, 1, 1)
             grad = factor * weight if grad is None else grad.addcmul_(factor, weight)
         if d_batch_product is not None:
-            if ctx.needs_input_grad[1]:
-                selected = factor if rows is None else factor.index_select(0, rows)
-                d_batch = torch.bmm(d_batch_product, selected.transpose(1, 2))
             if rows is not None:
                 grad = torch.zeros_like(factor) if grad is None else grad
                 grad.index_add_(0, rows, torch.bmm(batch.transpose(1, 2), d_batch_product))
