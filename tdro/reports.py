@@ -17,7 +17,7 @@ import functools
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,9 @@ REPORT_NOTEBOOK = "report.ipynb"
 REPORT_HTML = "report.html"
 # what the train notebook imports first: its kernel imports them while this process reads the Config
 KERNEL_WARM_UP = "import pandas, tdro.viz.notebook, tdro.training.trainer"
+# run in a report's kernel before it is stopped (stopping kills its process group, figure writers included)
+WAIT_FOR_FIGURES = "import sys as _sys; _sys.modules['tdro.viz.static'].wait_for_figures() if 'tdro.viz.static' in _sys.modules else None"
+FIGURES_TIMEOUT_S = 300
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 OFFLINE_TEMPLATE = "tdro_offline.html.j2"
 # nbconvert's lab page without its CDN scripts (require.js, the widget manager, MathJax, Mermaid)
@@ -119,11 +122,31 @@ def started_kernel(kernel: str) -> Iterator[Any]:
         warm_up = manager.client(session=Session(key=manager.session.key))
         warm_up.start_channels(iopub=False, stdin=False, hb=False, control=False)
         warm_up.execute(KERNEL_WARM_UP, silent=True)  # no output, no execution count; the notebook queues behind it
-        yield manager
+        try:
+            yield manager
+        except BaseException:
+            with suppress(Exception):  # the notebook's own error is the one to see
+                wait_for_kernel_figures(warm_up)
+            raise
+        wait_for_kernel_figures(warm_up)
     finally:
         for client in clients:
             client.stop_channels()
         run_sync(manager.shutdown_kernel)(now=True)
+
+
+def wait_for_kernel_figures(client: Any) -> None:
+    """Wait for the figure files the kernel's notebook is still writing in the background (``viz.wait_for_figures``)."""
+    from jupyter_core.utils import run_sync
+
+    msg_id = client.execute(WAIT_FOR_FIGURES, silent=True)
+    while True:
+        reply = run_sync(client.get_shell_msg)(timeout=FIGURES_TIMEOUT_S)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    content = reply["content"]
+    if content["status"] != "ok":
+        raise RuntimeError(f"the report's figures were not all written: {content.get('ename')}: {content.get('evalue')}")
 
 
 def execute_train_notebook(out: Path, parameters: Mapping[str, Any], manager: Any) -> Path:

@@ -314,6 +314,7 @@ def test_save_figure_writes_png_and_pdf(tmp_path, run_dir):
     assert written == [tmp_path / "figures" / "losses.png", tmp_path / "figures" / "losses.pdf"]
     assert written[0].read_bytes()[:4] == b"\x89PNG" and written[1].read_bytes()[:5] == b"%PDF-"
     viz.show(viz.plot_learning_rates(run_dir), save_as=tmp_path / "figures" / "lr")
+    viz.wait_for_figures()
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"losses.png", "losses.pdf", "lr.png", "lr.pdf"}
 
 
@@ -328,7 +329,7 @@ def test_show_displays_the_saved_png_itself_at_the_size_of_its_dpi(monkeypatch, 
     monkeypatch.setattr(Figure, "savefig", lambda fig, target, **kwargs: formats.append(Path(target).suffix)
                         or savefig(fig, target, **kwargs))
     viz.show(viz.plot_losses(run_dir), save_as=tmp_path / "losses")
-    assert formats == [".png", ".pdf"]
+    assert formats == [".png"]  # the PDF is drawn by a forked child (test_show_writes_the_pdf_in_the_background)
     (image,) = shown
     assert image.data == (tmp_path / "losses.png").read_bytes()
     assert image.width == round(static.png_size(image.data)[0] / 2) and image.alt.startswith("Loss")
@@ -336,6 +337,33 @@ def test_show_displays_the_saved_png_itself_at_the_size_of_its_dpi(monkeypatch, 
     assert abs(image.width - static.png_size(viz.figure_png(viz.plot_losses(run_dir)))[0]) <= 1
     viz.show(viz.plot_losses(run_dir))  # nothing saved: a 100-dpi rendering at its own size
     assert shown[-1].width is None and static.png_size(shown[-1].data)[0] == pytest.approx(image.width, abs=1)
+
+
+def without_creation_date(pdf: bytes) -> list[bytes]:
+    return [line for line in pdf.splitlines() if b"/CreationDate" not in line]
+
+
+def test_show_writes_the_pdf_in_the_background_and_it_is_the_synchronous_file(tmp_path, run_dir):
+    """The PDF comes from a forked child, complete (written as .part, then renamed), the same bytes as savefig's."""
+    viz.show(viz.plot_losses(run_dir), save_as=tmp_path / "shown" / "losses")
+    viz.show(viz.plot_confusions(run_dir), save_as=tmp_path / "shown" / "confusions")
+    viz.wait_for_figures()
+    assert static._FIGURE_WRITERS == []
+    for name, figure in (("losses", viz.plot_losses), ("confusions", viz.plot_confusions)):
+        (direct,) = [p for p in viz.save_figure(figure(run_dir), tmp_path / "direct" / name) if p.suffix == ".pdf"]
+        shown = (tmp_path / "shown" / f"{name}.pdf").read_bytes()
+        assert without_creation_date(shown) == without_creation_date(direct.read_bytes()), name
+    assert sorted(p.name for p in (tmp_path / "shown").iterdir()) == [
+        "confusions.pdf", "confusions.png", "losses.pdf", "losses.png"]
+
+
+def test_a_background_figure_that_cannot_be_written_is_an_error_naming_the_file(tmp_path, run_dir):
+    (tmp_path / "losses.pdf").mkdir()  # the PDF's name is taken by a folder: the child's rename fails
+    viz.show(viz.plot_losses(run_dir), save_as=tmp_path / "losses")
+    with pytest.raises(RuntimeError, match=r"losses\.pdf was not written: .*IsADirectoryError"):
+        viz.wait_for_figures()
+    assert static._FIGURE_WRITERS == [] and not (tmp_path / "losses.pdf.part").exists()
+    viz.wait_for_figures()  # reported once, then nothing is pending
 
 
 def test_latent_animation_embeds_every_frame_and_needs_no_network(tmp_path, run_dir):

@@ -12,7 +12,13 @@ HTML/JS player (no network, no kernel).
 """
 from __future__ import annotations
 
+import atexit
+import logging
 import math
+import os
+import sys
+import traceback
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +80,93 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = SAVE_DPI) -> list[Path
     return written
 
 
+@dataclass
+class _FigureWriter:
+    """A forked child writing one figure file; ``errors`` is the read end of the pipe its error comes through."""
+
+    pid: int
+    errors: int
+    target: Path
+
+
+_FIGURE_WRITERS: list[_FigureWriter] = []
+
+
+def _write_in_child(fig: Figure, target: Path, dpi: int) -> None:
+    """Write ``target`` from a forked copy of this process, so the caller goes on drawing on another core.
+
+    The child sees the figure as it is now and writes ``<target>.part``, renamed when complete, so a
+    reader never finds half a file; ``wait_for_figures`` reports its failure. Off Linux (no fork on
+    Windows; forking is unsafe under macOS's system frameworks) the file is written here and now.
+    """
+    if sys.platform != "linux":
+        fig.savefig(target, dpi=dpi, bbox_inches="tight")
+        return
+    import matplotlib.backends.backend_pdf  # noqa: F401 (imported here once, not in every child)
+
+    _reap_figure_writers(block=len(_FIGURE_WRITERS) >= (os.cpu_count() or 1))
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():  # Python ≥ 3.12 warns of forking with threads; the child only writes a file
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: never returns, never touches the parent's streams (a kernel's belong to its sockets)
+        os.close(read_end)
+        status = 1
+        part = target.with_name(target.name + ".part")
+        try:
+            os.setsid()  # out of the kernel's process group: interrupting or killing the kernel signals that group
+            logging.disable(logging.CRITICAL)
+            warnings.simplefilter("ignore")
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+            fig.savefig(part, dpi=dpi, bbox_inches="tight", format=target.suffix[1:])
+            os.replace(part, target)
+            status = 0
+        except BaseException as error:
+            os.write(write_end, "".join(traceback.format_exception_only(error)).encode())
+            part.unlink(missing_ok=True)
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    _FIGURE_WRITERS.append(_FigureWriter(pid, read_end, target))
+
+
+def _reap_figure_writers(block: bool) -> None:
+    """Collect finished figure writers (with ``block``: wait for the oldest one at least); raise their failures."""
+    failures = []
+    for writer in list(_FIGURE_WRITERS):
+        pid, status = os.waitpid(writer.pid, 0 if block else os.WNOHANG)
+        if pid == 0:
+            continue
+        block = False
+        _FIGURE_WRITERS.remove(writer)
+        with os.fdopen(writer.errors, "rb") as pipe:
+            error = pipe.read().decode(errors="replace").strip()
+        if status != 0:
+            failures.append(f"{writer.target} was not written: {error or f'its writer exited with status {status}'}")
+    if failures:
+        raise RuntimeError("\n".join(failures))
+
+
+def wait_for_figures() -> None:
+    """Wait until every figure file ``show(save_as=...)`` handed to a background writer is written; raise if one failed.
+
+    Reports call it before stopping their kernel; a process calls it at exit.
+    """
+    while _FIGURE_WRITERS:
+        _reap_figure_writers(block=True)
+
+
+atexit.register(wait_for_figures)
+
+
 def show(fig: Figure, dpi: int = 100, save_as: str | Path | None = None) -> None:
     """Display a figure as a PNG image (with its titles as alt text) and close it.
 
     Works with any matplotlib backend (``MPLBACKEND=agg`` under papermill included), so executed
     notebooks and their HTML exports always carry the picture. ``save_as`` (a path without suffix,
-    e.g. ``run.path / "figures" / "losses"``) also writes it as PNG and PDF (``save_figure``); the
-    notebook then shows the saved PNG's bytes, drawn once, at the size of a ``dpi`` rendering.
+    e.g. ``run.path / "figures" / "losses"``) also writes it as PNG and PDF; the notebook then shows
+    the saved PNG's bytes, drawn once, at the size of a ``dpi`` rendering. The PDF is written by a
+    background process (``wait_for_figures``), which takes its time off the notebook's.
     """
     from IPython.display import Image, display
 
@@ -88,8 +174,13 @@ def show(fig: Figure, dpi: int = 100, save_as: str | Path | None = None) -> None
     if save_as is None:
         display(Image(data=figure_png(fig, dpi), format="png", alt=alt))
         return
-    png = save_figure(fig, save_as)[0].read_bytes()
+    path = Path(save_as)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png_path, pdf_path = (path.with_name(f"{path.name}.{fmt}") for fmt in FIGURE_FORMATS)
+    fig.savefig(png_path, dpi=SAVE_DPI, bbox_inches="tight")
+    _write_in_child(fig, pdf_path, SAVE_DPI)
     plt.close(fig)
+    png = png_path.read_bytes()
     display(Image(data=png, format="png", alt=alt, width=round(png_size(png)[0] * dpi / SAVE_DPI)))
 
 
