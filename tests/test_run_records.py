@@ -34,6 +34,7 @@ OVERRIDES = {"progress": False, "epochs": 3, "batch_size": 64, "latent_dim": 8, 
 KILLER = r'''
 import os, signal, sys
 import tdro.runs
+import tdro.training.checkpoint
 from tdro.training import trainer
 
 point = sys.argv[1]
@@ -65,6 +66,14 @@ elif point.startswith("before_rename:"):  # the rewritten FILE is complete but n
             die()
         replace(source, target)
     tdro.runs.os.replace = replace_or_die
+elif point.startswith("after_best:"):  # the N-th best.pt is renamed into place, that epoch's last.pt is not
+    count, replace, renamed = int(point.split(":")[1]), os.replace, []
+    def replace_then_die(source, target):
+        replace(source, target)
+        renamed.extend([target] if os.path.basename(target) == "best.pt" else [])
+        if len(renamed) == count:
+            die()
+    tdro.training.checkpoint.os.replace = replace_then_die
 elif point == "before_summary":  # every epoch and checkpoint written, summary.json not
     trainer.Trainer.finish = lambda self: die()
 else:
@@ -144,6 +153,25 @@ def test_kills_between_records_and_checkpoints_inside_resume_and_before_the_summ
     done = cli("train", "--resume", str(run))
     assert done.returncode == 0, done.stderr
     assert_same_records(run, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_kill_between_best_and_last_checkpoint_loses_nothing(tmp_path, count):
+    """One epoch's best.pt renamed into place, its last.pt not: the first epoch's (no last.pt yet) or a later one's."""
+    reference = train(Config(output_dir=str(tmp_path / "runs"), run_name="reference", **OVERRIDES)).run_dir
+    run = tmp_path / "runs" / "killed"
+    killed(cli(*train_arguments(tmp_path, "killed"), kill_at=f"after_best:{count}"))
+    best = load_checkpoint(run / "checkpoints" / "best.pt")["epoch"]
+    last = run / "checkpoints" / "last.pt"
+    assert (load_checkpoint(last)["epoch"] if last.exists() else -1) == best - 1
+    done = cli("train", "--resume", str(run))
+    assert done.returncode == 0, done.stderr
+    assert_same_records(run, reference)
+    for name in ("best.pt", "last.pt"):
+        ours, theirs = (load_checkpoint(p / "checkpoints" / name) for p in (run, reference))
+        assert ours["epoch"] == theirs["epoch"] and ours["best_value"] == theirs["best_value"], name
+        assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"]), name
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
 """Checkpoints that load with torch.load(weights_only=True) and are written atomically."""
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +41,19 @@ def restore_rng_states(states: dict, data_generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write to a temporary file, fsync, then rename: a kill leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    with open(temporary, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+def save_checkpoint(paths: Sequence[Path], payload: dict) -> None:
+    """Write ``payload`` to each path in order (serialised once): temporary file, fsync, rename, so a kill leaves
+    the previous checkpoint intact."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(path.suffix + ".tmp")
+        with open(temporary, "wb") as handle:
+            handle.write(buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
 
 
 class CheckpointError(ValueError):

@@ -589,10 +589,8 @@ class Trainer:
             raise NonFiniteLossError(f"the weights are no longer finite after epoch {self.epoch + 1}; not saved, so "
                                      f"{self.checkpoints / 'last.pt'} stays the last good checkpoint (if any); "
                                      f"lower lr or set grad_clip > 0")
-        payload = self._checkpoint_payload()
-        if improved:
-            save_checkpoint(self.checkpoints / "best.pt", payload)
-        save_checkpoint(self.checkpoints / "last.pt", payload)
+        best, last = self.checkpoints / "best.pt", self.checkpoints / "last.pt"
+        save_checkpoint([best, last] if improved else [last], self._checkpoint_payload())
 
     def _diagnostics(self, selected_epoch: int) -> dict:
         """The run's flat diagnostics (``diagnostics.summarize``) from its records, resumed parts included."""
