@@ -10,6 +10,7 @@ Targets (issue 15), anchors (full) + GroupDRO: ≤ 1.05× ERM at latent 64 and 1
 with 10 classes, ≤ 1.15× at 256 with 20 classes; lowrank (rank 16) ≤ 1.2× at 256 with 100 classes.
 
     python bench/step_overhead.py [--rounds 25] [--settings 64:10 256:100 ...] [--threads N]
+    python bench/step_overhead.py --device cuda --group-batch 512   # on a GPU at batch 1024
     python bench/step_overhead.py --profile 256:10 --threads 1   # where the anchors' milliseconds go
 """
 from __future__ import annotations
@@ -56,20 +57,21 @@ def parse_setting(text: str) -> tuple[int, int]:
 class Step:
     """One variant's model, optimiser and fixed batch; calling it runs one training step."""
 
-    def __init__(self, latent_dim: int, num_classes: int, covariance: str | None, groupdro: bool, seed: int) -> None:
+    def __init__(self, latent_dim: int, num_classes: int, covariance: str | None, groupdro: bool, seed: int,
+                 device: str = "cpu", group_batch: int = GROUP_BATCH) -> None:
         torch.manual_seed(seed)
-        self.encoders = [create_encoder("cnn", latent_dim, INPUT_INFO) for _ in range(NUM_GROUPS)]
-        self.head = create_head(latent_dim, num_classes)
+        self.encoders = [create_encoder("cnn", latent_dim, INPUT_INFO).to(device) for _ in range(NUM_GROUPS)]
+        self.head = create_head(latent_dim, num_classes).to(device)
         modules = [*self.encoders, self.head]
         self.anchors = None
         if covariance is not None:
             rank = {"rank": RANK} if covariance == "lowrank" else {}
-            self.anchors = GaussianAnchors(num_classes, latent_dim, eps=1e-4, covariance=covariance, **rank)
+            self.anchors = GaussianAnchors(num_classes, latent_dim, eps=1e-4, covariance=covariance, **rank).to(device)
             modules.append(self.anchors)
         self.optimizer = create_optimizer(Config(), {"new": [p for module in modules for p in module.parameters()]})
-        self.inputs = [torch.randn(GROUP_BATCH, 1, 28, 28) for _ in range(NUM_GROUPS)]
-        self.labels = torch.randint(0, num_classes, (NUM_GROUPS * GROUP_BATCH,))
-        self.group_ids = torch.arange(NUM_GROUPS).repeat_interleave(GROUP_BATCH)
+        self.inputs = [torch.randn(group_batch, 1, 28, 28, device=device) for _ in range(NUM_GROUPS)]
+        self.labels = torch.randint(0, num_classes, (NUM_GROUPS * group_batch,), device=device)
+        self.group_ids = torch.arange(NUM_GROUPS, device=device).repeat_interleave(group_batch)
         self.anchor_loss = AnchorLoss(1e-3, 1e-3, "classifier", samples_per_class=SAMPLES_PER_CLASS)
         self.dro = GroupDRO(NUM_GROUPS, eta=0.01, update_mode="exp_smooth", objective="weighted") if groupdro else None
 
@@ -92,6 +94,8 @@ class Step:
         self.optimizer.step()
         if self.dro is not None:
             self.dro.update(group_losses, present, epoch=0)
+        if self.labels.is_cuda:
+            torch.cuda.synchronize()  # time the work, not its queueing
 
 
 def interleaved(closures: dict[str, Callable[[], None]], rounds: int, warmup: int, reference: str,
@@ -205,6 +209,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANT_SETTINGS))
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--profile", metavar="LATENT:CLASSES", help="print where the anchors' time goes, then stop")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (steps end in a synchronize there)")
+    parser.add_argument("--group-batch", type=int, default=GROUP_BATCH, help="samples per group in a batch")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,10 +221,12 @@ def main() -> None:
     names = ["erm", *(name for name in args.variants if name != "erm")]
     results = {}
     for latent, classes in settings:
-        steps = {name: Step(latent, classes, *VARIANT_SETTINGS[name], seed=0) for name in names}
+        steps = {name: Step(latent, classes, *VARIANT_SETTINGS[name], seed=0, device=args.device,
+                            group_batch=args.group_batch) for name in names}
         results[latent, classes] = interleaved(steps, args.rounds, args.warmup, "erm")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {NUM_GROUPS}×{GROUP_BATCH} 28×28, "
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch "
+          f"{NUM_GROUPS}×{args.group_batch} 28×28, "
           f"J = {SAMPLES_PER_CLASS}, lowrank rank {RANK}, {args.rounds} rounds, variants of one setting back to "
           "back in random order")
     print("ms: median step time; ratio: median over rounds of (variant / ERM in the same round); min ratio: ratio of")

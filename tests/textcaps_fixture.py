@@ -16,11 +16,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-SHARED_TEXTCAPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "textcaps"
+# the real annotation samples; TEXTCAPS_SOURCE points elsewhere (bench/gpu_check.sh on a machine without ../shared)
+SHARED_TEXTCAPS = Path(os.environ.get("TEXTCAPS_SOURCE") or Path(__file__).resolve().parents[2] / "shared" / "data" / "textcaps")
 SPLITS = ("train", "val")
 
 
