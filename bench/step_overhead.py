@@ -32,6 +32,7 @@ from tdro.models.heads import create_head
 from tdro.objectives.anchor_losses import AnchorLoss, classifier_separation_loss, fit_loss
 from tdro.objectives.gaussian import class_moments, lowrank_bures_wasserstein_sq
 from tdro.objectives.groupdro import GroupDRO, group_mean_losses
+from tdro.training.host_memory import keep_freed_memory
 from tdro.training.optim import create_optimizer
 
 GROUP_BATCH, NUM_GROUPS, SAMPLES_PER_CLASS, RANK = 64, 2, 16, 16
@@ -212,6 +213,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (steps end in a synchronize there)")
     parser.add_argument("--group-batch", type=int, default=GROUP_BATCH, help="samples per group in a batch")
     args = parser.parse_args()
+    kept = keep_freed_memory()  # as the trainer does (bench/host_memory.py: with glibc's defaults instead)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.profile:
@@ -228,7 +230,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch "
           f"{NUM_GROUPS}×{args.group_batch} 28×28, "
           f"J = {SAMPLES_PER_CLASS}, lowrank rank {RANK}, {args.rounds} rounds, variants of one setting back to "
-          "back in random order")
+          f"back in random order, freed host memory kept: {kept}")
     print("ms: median step time; ratio: median over rounds of (variant / ERM in the same round); min ratio: ratio of")
     print("the fastest steps (least disturbed by other processes)")
     header = f"{'latent':>6} {'classes':>7} {'variant':>26} {'ms':>7} {'ratio':>6} {'min ratio':>9}"

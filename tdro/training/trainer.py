@@ -35,6 +35,7 @@ from tdro.training.checkpoint import capture_rng_states, load_checkpoint, restor
 from tdro.training.diagnostics import active_warmups, alignment, group_weight, summarize
 from tdro.training.distributed import Distributed
 from tdro.training.evaluation import collect_latents, evaluate
+from tdro.training.host_memory import keep_freed_memory
 from tdro.training.optim import create_optimizer
 from tdro.training.schedules import EpochSchedule
 
@@ -146,6 +147,7 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path | None = None,
                  on_epoch: Callable[[dict], None] | None = None, parts: RunParts | None = None,
                  distributed: Distributed | None = None) -> None:
+        keep_freed_memory()  # before the first step's tensors: see tdro.training.host_memory
         self.config = config
         self.on_epoch = on_epoch
         self.distributed = distributed
