@@ -194,8 +194,8 @@ class Config(*algorithm_key_blocks()):
     nesterov: bool = key(False, "SGD Nesterov momentum")
     grad_clip: float = key(1.0, "gradient-norm clip; 0 = off", low=0.0)
     batch_size: int = key(32, "samples per batch over all groups", low=1)
-    eval_batch_size: int | None = key(None, "samples per evaluation batch; null = by device: 128 on CPU (CNN "
-                                            "evaluation throughput halves from 128 to 1024 there), 1024 otherwise", low=1)
+    eval_batch_size: int | None = key(None, "samples per evaluation batch; null = by device: 128 on CPU (as fast "
+                                            "as larger batches there, in less memory), 1024 otherwise", low=1)
     epochs: int = key(10, "training epochs, at most 100000", low=1, high=100_000)
     freeze_backbone_epochs: int = key(0, "epochs with backbone parameters frozen (at most epochs)", low=0)
 
