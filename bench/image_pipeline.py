@@ -37,6 +37,7 @@ from tdro.data import GroupedDataset, GroupStratifiedBatches, build_dataset  # n
 from tdro.data.augment import TrainInputs  # noqa: E402
 from tdro.data.base import batch_to_device  # noqa: E402
 from tdro.data.batching import PrefetchBatches  # noqa: E402
+from tdro.training.host_memory import keep_freed_memory  # noqa: E402
 
 
 def visual_only(dataset: GroupedDataset) -> GroupedDataset:
@@ -132,9 +133,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed ResNet-18 train steps per feeding path")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    kept = keep_freed_memory()  # as the trainer does
     torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, 224x224 into the model")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, 224x224 into the model, "
+          f"freed host memory kept: {kept}")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
