@@ -10,7 +10,8 @@ Each repeat runs, in fresh processes:
 * with ``--make-run``: ``python -m tdro report --train`` (what ``make run`` runs), split into its
   notebook cells (papermill's per-cell durations), the HTML export (timed in a child of its own,
   once its exporter is built: make run builds it while the kernel works) and the rest: papermill,
-  kernel start and warm-up (the notebook's imports, before its first cell) and stop.
+  kernel start and warm-up (the notebook's imports, before its first cell), the wait for the figures' background
+  PDFs (tdro.viz.wait_for_figures) and stop.
 
 Runs are written under a temporary folder. Medians over repeats are printed, in seconds.
 
