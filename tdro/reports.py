@@ -32,7 +32,7 @@ REPORT_HTML = "report.html"
 # what the train notebook imports first: its kernel imports them while this process reads the Config
 KERNEL_WARM_UP = "import pandas, tdro.viz.notebook, tdro.training.trainer"
 # run in a report's kernel before it is stopped (stopping kills its process group, figure writers included)
-WAIT_FOR_FIGURES = "import sys as _sys; _sys.modules['tdro.viz.static'].wait_for_figures() if 'tdro.viz.static' in _sys.modules else None"
+WAIT_FOR_FIGURES = "import tdro.viz; tdro.viz.wait_for_figures()"  # tdro.viz: imported by KERNEL_WARM_UP already
 FIGURES_TIMEOUT_S = 300
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 OFFLINE_TEMPLATE = "tdro_offline.html.j2"

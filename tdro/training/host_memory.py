@@ -1,9 +1,9 @@
 """Keep freed host memory for reuse: glibc's malloc unmaps large freed blocks, so each CPU step faults them back in.
 
-With glibc's defaults a training step of two CNN encoders at batch 128 takes 6–7.5k minor page faults and
-16–19 ms of kernel time (of a 46–50 ms step on 2 threads): activations and gradients of a few MB are mapped
+With glibc's defaults a training step of two CNN encoders at batch 128 takes 4–7.8k minor page faults and
+8–19 ms of kernel time (of a 35–50 ms step on 2 threads): activations and gradients of a few MB are mapped
 and unmapped every step. tcmalloc and jemalloc avoid it, but only through LD_PRELOAD; ``mallopt`` does the
-same from inside the process. ``bench/step_overhead.py`` prints the faults per step.
+same from inside the process. ``bench/host_memory.py`` prints the faults and step times both ways.
 """
 from __future__ import annotations
 

@@ -70,13 +70,22 @@ def figure_description(fig: Figure) -> str:
     return "; ".join(dict.fromkeys(p for p in parts if p)) or "figure"
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = SAVE_DPI) -> list[Path]:
-    """Write a figure as ``<path>.png`` and ``<path>.pdf`` (for papers), creating the folder; the figure stays open."""
+def save_figure(fig: Figure, path: str | Path, dpi: int = SAVE_DPI, background: bool = False) -> list[Path]:
+    """Write a figure as ``<path>.png`` and ``<path>.pdf`` (for papers), creating the folder; the figure stays open.
+
+    With ``background`` the PDF is written by a forked child while the caller goes on (``wait_for_figures``);
+    off Linux (no fork on Windows; forking is unsafe under macOS's system frameworks) it is written here.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = [path.with_name(f"{path.name}.{fmt}") for fmt in FIGURE_FORMATS]
-    for target in written:
-        fig.savefig(target, dpi=dpi, bbox_inches="tight")
+    png, *others = written
+    fig.savefig(png, dpi=dpi, bbox_inches="tight")
+    for target in others:
+        if background and sys.platform == "linux":
+            _write_in_child(fig, target, dpi)
+        else:
+            fig.savefig(target, dpi=dpi, bbox_inches="tight")
     return written
 
 
@@ -96,12 +105,8 @@ def _write_in_child(fig: Figure, target: Path, dpi: int) -> None:
     """Write ``target`` from a forked copy of this process, so the caller goes on drawing on another core.
 
     The child sees the figure as it is now and writes ``<target>.part``, renamed when complete, so a
-    reader never finds half a file; ``wait_for_figures`` reports its failure. Off Linux (no fork on
-    Windows; forking is unsafe under macOS's system frameworks) the file is written here and now.
+    reader never finds half a file; ``wait_for_figures`` reports its failure.
     """
-    if sys.platform != "linux":
-        fig.savefig(target, dpi=dpi, bbox_inches="tight")
-        return
     import matplotlib.backends.backend_pdf  # noqa: F401 (imported here once, not in every child)
 
     _reap_figure_writers(block=len(_FIGURE_WRITERS) >= (os.cpu_count() or 1))
@@ -174,13 +179,8 @@ def show(fig: Figure, dpi: int = 100, save_as: str | Path | None = None) -> None
     if save_as is None:
         display(Image(data=figure_png(fig, dpi), format="png", alt=alt))
         return
-    path = Path(save_as)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    png_path, pdf_path = (path.with_name(f"{path.name}.{fmt}") for fmt in FIGURE_FORMATS)
-    fig.savefig(png_path, dpi=SAVE_DPI, bbox_inches="tight")
-    _write_in_child(fig, pdf_path, SAVE_DPI)
+    png = save_figure(fig, save_as, background=True)[0].read_bytes()
     plt.close(fig)
-    png = png_path.read_bytes()
     display(Image(data=png, format="png", alt=alt, width=round(png_size(png)[0] * dpi / SAVE_DPI)))
 
 
