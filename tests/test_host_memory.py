@@ -44,6 +44,9 @@ print(json.dumps({"kept": keep_freed_memory(), "faults_per_step": faults}))
 """
 
 
+FEW_FAULTS = 500  # per step, against the thousands of pages a CNN step maps and unmaps with the defaults
+
+
 def run_steps(mode: str, tmp_path: Path, **env: str) -> dict:
     done = subprocess.run([sys.executable, "-c", STEPS, mode, str(tmp_path / "runs")], cwd=ROOT, text=True,
                           capture_output=True, env={**os.environ, **env}, timeout=300)
@@ -55,9 +58,9 @@ def test_a_trainer_process_stops_faulting_its_step_memory_back_in(tmp_path):
     default = run_steps("default", tmp_path)
     trained = run_steps("trainer", tmp_path)
     assert trained["kept"] is True
-    # glibc's defaults: thousands of faults per step (4.6k–7.8k here); kept: none, or a few hundred while the
-    # heap still grows to its steady size
-    assert trained["faults_per_step"] < default["faults_per_step"] / 10, (default, trained)
+    # glibc's defaults fault thousands of pages per step here (4.6k–7.8k) but none on some machines (CI: 0,
+    # its glibc's dynamic threshold already grown); kept: none, or a few hundred while the heap still grows
+    assert trained["faults_per_step"] < max(default["faults_per_step"] / 10, FEW_FAULTS), (default, trained)
 
 
 def test_the_users_own_malloc_tuning_is_left_alone(tmp_path):
