@@ -2,7 +2,8 @@
 # Issue 15's GPU checks as one prepared script, for a machine with a CUDA GPU (the `device` tool's `run`):
 #   digits and a TextCaps-fixture fine-tuning run (resnet_visual + char_cnn_text, differential LRs, the image cache,
 #   augmentation) in float32 and with bf16 autocast; the step-overhead table at batch 128 and 1024; the image
-#   pipeline; the fit's eigenproblem on the device against the host round trip (gaussian.symmetric_eigh's choice).
+#   pipeline; the fit's eigenproblem on the device against the host round trip (gaussian.symmetric_eigh's choice),
+#   and the fit's two routes with either (gaussian.gram_route's choice).
 #
 #   bash bench/gpu_check.sh                       # figures in $OUT/gpu_check.log (outputs/gpu_check/ without $OUT)
 #   DEVICE=cpu QUICK=1 bash bench/gpu_check.sh    # the same steps, small, on a CPU: checks the script itself
@@ -73,4 +74,6 @@ done
 step "image pipeline on $DEVICE" "$PY" bench/image_pipeline.py --device "$DEVICE" --images "$images" \
     --steps "$steps" --threads 4 --workers 4
 step "the fit's eigenproblem: $DEVICE against the host" "$PY" bench/eigh_floor.py --repeats $((rounds * 10))
+step "the fit's n×n and k×k routes on $DEVICE, eigh on the device and on the host" "$PY" bench/fit_routes.py \
+    --device "$DEVICE" --repeats "$rounds"
 echo "log: $log"

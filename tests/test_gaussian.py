@@ -13,6 +13,7 @@ from tdro.objectives.gaussian import (
     class_moments,
     diagonal_bures_wasserstein_sq,
     diagonal_moments_bures_wasserstein_sq,
+    gram_route,
     lowrank_bures_wasserstein_sq,
     symmetric_eigh,
 )
@@ -126,19 +127,21 @@ def test_full_gradcheck_on_random_spd():
 
 
 @pytest.mark.parametrize(
-    "counts, k",
+    "counts, k, gram",
     [
-        ([2, 3, 5, 1, 4], 6),  # n_max − 1 ≤ k: the n×n route, every batch covariance rank-deficient
-        ([2, 3, 7], 6),  # n_max − 1 = k: still the n×n route
-        ([2, 3, 9, 1], 3),  # n_max − 1 > k: the k×k route, with rank-deficient classes among full-rank ones
+        ([2, 3, 5, 1, 4], 6, True),  # n_max − 1 < k: the n×n route, every batch covariance rank-deficient
+        ([2, 3, 7], 6, True),  # n_max − 1 = k
+        ([2, 10, 4], 8, True),  # n_max − 1 > k, n_max = 1.25·k: the n×n route with a full-rank class
+        ([2, 3, 9, 1], 3, False),  # n_max > 1.25·k: the k×k route, with rank-deficient classes among full-rank ones
     ],
 )
-def test_lowrank_fit_path_matches_scipy(counts, k):
+def test_lowrank_fit_path_matches_scipy(counts, k, gram):
     rng = np.random.default_rng(5)
     latents, labels = labelled_latents(rng, counts, k)
     means, factor = random_anchors(rng, len(counts), k)
     scale = torch.tensor(rng.uniform(0.5, 2.0, size=len(counts)))
     moments = class_moments(latents, labels, len(counts))
+    assert gram_route(moments) is gram
     got = lowrank_bures_wasserstein_sq(moments, means, factor, EPS, scale).numpy()
     S = anchor_covariance(factor * scale[:, None, None])
     want = []
@@ -159,7 +162,8 @@ def test_lowrank_fit_path_is_zero_when_the_batch_matches_the_anchor():
     assert distances.abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("counts, k", [([2, 3, 4], 4), ([3, 8, 5], 2)], ids=["gram", "kxk"])
+@pytest.mark.parametrize("counts, k", [([2, 3, 4], 4), ([3, 10, 5], 8), ([3, 8, 5], 2)],
+                         ids=["gram", "gram_full_rank", "kxk"])
 def test_lowrank_fit_path_gradcheck_wrt_latents_and_anchor_parameters(counts, k):
     rng = np.random.default_rng(7)
     latents, labels = labelled_latents(rng, counts, k)
@@ -195,7 +199,7 @@ def test_fit_gradients_finite_in_float32_with_repeated_eigenvalues():
         torch.testing.assert_close(g.double(), g64, rtol=1e-3, atol=1e-3 * g64.abs().max().item())
 
 
-@pytest.mark.parametrize("k", [64, 3], ids=["gram", "kxk"])
+@pytest.mark.parametrize("k", [64, 11, 3], ids=["gram", "gram_full_rank", "kxk"])
 def test_fit_gradients_finite_in_float32_with_duplicated_latents(k):
     torch.manual_seed(1)
     classes = 10

@@ -134,8 +134,8 @@ def symmetric_eigh(matrix: torch.Tensor, vectors: bool = True) -> torch.Tensor |
 
     cuSOLVER's batched eigh is fast only up to n = 32 and loops per matrix above (pytorch#175585,
     #174674), and cu130 builds are 30–130× slower than older ones even at 3×3 (pytorch#183806).
-    The matrices here are at most min(n_max, k + 1) wide (the n×n or k×k route, whichever is
-    smaller), a few kB to MB in float64, so the round trip to the CPU's LAPACK is the safer choice.
+    The matrices here are at most 1.25·k wide (the n×n route up to n_max = 1.25·k, the k×k one
+    above), a few kB to MB in float64, so the round trip to the CPU's LAPACK is the safer choice.
     Chosen from those reports: no GPU was lent to measure it (see the issue 15 note).
     """
     solve = torch.linalg.eigh if vectors else torch.linalg.eigvalsh
@@ -261,9 +261,14 @@ def anchor_rows(moments: ClassMoments, num_anchors: int) -> torch.Tensor | None:
 
 
 def gram_route(moments: ClassMoments) -> bool:
-    """Whether the cross term goes through the n×n matrix G (n_max − 1 ≤ k) rather than the k×k one."""
+    """Whether the cross term goes through the n×n matrix G (n_max ≤ 1.25·k) rather than the k×k one.
+
+    The n×n route is right for any n, but its cost grows with n and the k×k one's does not: on
+    CPU (1 and 2 threads, full and low-rank anchors, k = 32…256, 10 classes) at n_max = 1.25·k the
+    n×n route is 2 % slower to 30 % faster, at 1.5·k the k×k one is 3–23 % faster (``bench/fit_routes.py``).
+    """
     _, n_max, k = moments.centred.shape
-    return n_max - 1 <= k
+    return 4 * n_max <= 5 * k
 
 
 def lowrank_bures_wasserstein_sq(
@@ -285,10 +290,11 @@ def lowrank_bures_wasserstein_sq(
     ``batch_product`` is X·F[rows] (unscaled, rows from ``anchor_rows``) when the caller has it
     (``GaussianAnchors.factor_parts(batch=…)`` computes it with the factor's other products).
     The scale is applied to the small products, so F is only read by matrix products.
-    When n_max − 1 ≤ k the cross term is Σ √eig of the n×n matrix G = X S Xᵀ/(n−1); G·𝟙 = 0
-    (centring), so τ𝟙𝟙ᵀ/n on the real slots and τ on the diagonal of padded slots turn those
-    zero eigenvalues into exactly τ without touching the others, and their √τ are subtracted.
-    Otherwise (few dimensions, many samples) the k×k route with chol(S) is cheaper. Either
+    When n_max ≤ 1.25·k (``gram_route``) the cross term is Σ √eig of the n×n matrix
+    G = X S Xᵀ/(n−1); G·𝟙 = 0 (centring), so τ𝟙𝟙ᵀ/n on the real slots and τ on the diagonal of
+    padded slots turn those zero eigenvalues into exactly τ without touching the others, and
+    their √τ are subtracted (a class of n − 1 > k samples leaves n − 1 − k more zeros, which count
+    as 0). Otherwise (few dimensions, many samples) the k×k route with chol(S) is cheaper. Either
     small matrix is formed and solved in float64 (``_precise``); the product X·F̃ is not.
     """
     x = moments.centred
