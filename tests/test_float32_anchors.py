@@ -164,11 +164,14 @@ def test_fit_issue_case_13_draws_in_float32():
     assert cosine(results[torch.float32][1], results[torch.float64][1]) > 0.99
 
 
-@pytest.mark.parametrize("k, per_class", [(16, 13), (64, 13), (256, 13), (256, 40), (16, 40)],
-                         ids=["16-gram", "64-gram", "256-gram", "256-gram-40", "16-kxk"])
+@pytest.mark.parametrize("k, per_class", [(16, 13), (64, 13), (256, 13), (256, 40), (16, 20), (16, 40)],
+                         ids=["16-gram", "64-gram", "256-gram", "256-gram-40", "16-gram-full-rank", "16-kxk"])
 @pytest.mark.parametrize("kind", ["issue", "geometric", "lowrank_at_clip", "init"])
 def test_fit_float32_matches_float64_reference(k, per_class, kind):
-    """Three classes drawn from (spread) anchors, each fitted against its own anchor; k=16 with 40 draws is the k×k route."""
+    """Three classes drawn from (spread) anchors, each fitted against its own anchor; k=16 with 40 draws is the k×k route.
+
+    With 20 draws at k=16 (n − 1 > k, n ≤ 1.25·k) the n×n route sees full-rank classes.
+    """
     rng = np.random.default_rng(k + per_class)
     if kind == "init":
         factors = np.stack([0.05 * np.eye(k)] * 3)
