@@ -22,8 +22,8 @@ from tdro.models.anchors import GaussianAnchors
 from tdro.objectives.gaussian import class_moments, lowrank_bures_wasserstein_sq
 
 GRAM_ROUTE = gaussian.gram_route  # the rule, kept while the routes are forced in turn
-# classes:k:n — n around k on both sides, at the latent sizes users run
-DEFAULT_SIZES = [f"10:{k}:{n}" for k in (32, 64, 128, 256) for n in (k // 4, k // 2, k + 1, 2 * k)] + [
+# classes:k:n — n around k on both sides (the rule's crossover, 1.25·k, among them), at the latent sizes users run
+DEFAULT_SIZES = [f"10:{k}:{n}" for k in (32, 64, 128, 256) for n in (k // 2, k + 1, 5 * k // 4, 3 * k // 2, 2 * k)] + [
     "100:256:5", "100:256:40", "8:256:128", "8:64:128"]
 
 
@@ -65,7 +65,8 @@ def main() -> None:
     host_eigh = gaussian.symmetric_eigh
     eighs = {"host eigh": host_eigh, "device eigh": lambda matrix, vectors=True: (
         torch.linalg.eigh if vectors else torch.linalg.eigvalsh)(matrix)} if cuda else {"": host_eigh}
-    columns = [f"{route} {name}".strip() for route in ("n×n", "k×k") for name in eighs]
+    routes = {"n×n": True, "k×k": False}
+    columns = {f"{route} {name}".strip(): (gram, eigh) for route, gram in routes.items() for name, eigh in eighs.items()}
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} thread(s), {args.covariance} anchors, "
           f"float32, median ms of fit forward + backward over {args.repeats} calls")
     print(f"{'classes':>7} {'k':>4} {'n':>4} " + " ".join(f"{name:>16}" for name in columns) + "  rule picks  fastest")
@@ -74,12 +75,9 @@ def main() -> None:
             classes, k, n = map(int, text.split(":"))
             step, gram_picked = fit_step(classes, k, n, args.covariance, args.device)
             row = {}
-            for gram in (True, False):
-                gaussian.gram_route = lambda moments, gram=gram: gram
-                for name, eigh in eighs.items():
-                    gaussian.symmetric_eigh = eigh
-                    row[f"{'n×n' if gram else 'k×k'} {name}".strip()] = microseconds(step, args.repeats, sync) / 1e3
-                gaussian.symmetric_eigh = host_eigh
+            for column, (gram, eigh) in columns.items():
+                gaussian.gram_route, gaussian.symmetric_eigh = (lambda moments, gram=gram: gram), eigh
+                row[column] = microseconds(step, args.repeats, sync) / 1e3
             picked = "n×n" if gram_picked else "k×k"
             fastest = min(row, key=row.get)
             print(f"{classes:>7} {k:>4} {n:>4} " + " ".join(f"{row[name]:16.2f}" for name in columns)

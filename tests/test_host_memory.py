@@ -58,8 +58,8 @@ def test_a_trainer_process_stops_faulting_its_step_memory_back_in(tmp_path):
     default = run_steps("default", tmp_path)
     trained = run_steps("trainer", tmp_path)
     assert trained["kept"] is True
-    # glibc's defaults fault thousands of pages per step here (4.6k–7.8k) but none on some machines (CI: 0,
-    # its glibc's dynamic threshold already grown); kept: none, or a few hundred while the heap still grows
+    # glibc's defaults fault thousands of pages per step here (4.6k–7.8k) but none on some machines (CI's: 0,
+    # for a reason not established); kept: none, or a few hundred while the heap still grows
     assert trained["faults_per_step"] < max(default["faults_per_step"] / 10, FEW_FAULTS), (default, trained)
 
 
