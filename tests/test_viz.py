@@ -101,12 +101,27 @@ def run_dir(tmp_path):
 
 
 def png_pixels(fig) -> np.ndarray:
-    """A figure's pixels as ``show`` renders it (100 dpi, tight); the figure is closed."""
+    """A figure's drawing at 100 dpi, trimmed to its ink: what was drawn, whichever pass of an (iterative)
+    constrained layout placed it; the figure is closed."""
     from io import BytesIO
 
     from PIL import Image
 
-    return np.asarray(Image.open(BytesIO(viz.figure_png(fig))))
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return np.asarray(Image.open(buffer))
+
+
+def ink_margins(png: bytes) -> tuple[int, int, int, int]:
+    """Blank pixels (top, bottom, left, right) between a PNG's edges and anything drawn."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    ink = (np.asarray(Image.open(BytesIO(png)).convert("RGB")) < 250).any(axis=-1)
+    rows, columns = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    return rows[0], ink.shape[0] - 1 - rows[-1], columns[0], ink.shape[1] - 1 - columns[-1]
 
 
 @pytest.fixture(autouse=True)
@@ -316,6 +331,28 @@ def test_save_figure_writes_png_and_pdf(tmp_path, run_dir):
     viz.show(viz.plot_learning_rates(run_dir), save_as=tmp_path / "figures" / "lr")
     viz.wait_for_figures()
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"losses.png", "losses.pdf", "lr.png", "lr.pdf"}
+
+
+def test_a_laid_out_figure_is_saved_whole_at_its_size_and_a_free_one_trimmed(tmp_path, run_dir):
+    """A constrained-layout figure already fits its canvas: saved untrimmed (drawn once, not twice), figsize × dpi,
+    nothing cut, even a legend outside the axes and a suptitle. A figure without a layout engine is trimmed."""
+    fig, ax = plt.subplots(figsize=(5, 3), constrained_layout=True)
+    ax.plot([0, 1], [0, 1], label="a rather long legend entry")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set(xlabel="epoch", ylabel="accuracy")
+    fig.suptitle("a suptitle")
+    png = viz.save_figure(fig, tmp_path / "laid_out")[0].read_bytes()
+    assert static.png_size(png) == (5 * static.SAVE_DPI, 3 * static.SAVE_DPI)
+    assert min(ink_margins(png)) >= 2
+    for figure in (viz.plot_losses, viz.plot_confusions, viz.plot_latent_view, viz.plot_group_weights):
+        png = viz.save_figure(figure(run_dir), tmp_path / figure.__name__)[0].read_bytes()
+        assert min(ink_margins(png)) >= 2, figure.__name__
+
+    free = plt.figure(figsize=(5, 3))
+    free.add_axes((0, 0, 1, 1)).plot([0, 1], [0, 1])
+    free.text(1.1, 0.5, "outside the canvas")  # a tight crop reaches it; an untrimmed save would cut it
+    width, height = static.png_size(viz.save_figure(free, tmp_path / "free")[0].read_bytes())
+    assert width > 5 * static.SAVE_DPI
 
 
 def test_show_displays_the_saved_png_itself_at_the_size_of_its_dpi(monkeypatch, tmp_path, run_dir):
