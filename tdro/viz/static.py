@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine, TightLayoutEngine
 from matplotlib.patches import Ellipse
 
 from tdro.runs import Run, load_run
@@ -80,20 +81,19 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = SAVE_DPI, background: 
     path.parent.mkdir(parents=True, exist_ok=True)
     written = [path.with_name(f"{path.name}.{fmt}") for fmt in FIGURE_FORMATS]
     png, *others = written
-    fig.savefig(png, dpi=dpi, bbox_inches=_bbox_inches(fig))
+    bbox_inches = _bbox_inches(fig)
+    fig.savefig(png, dpi=dpi, bbox_inches=bbox_inches)
     for target in others:
         if background and sys.platform == "linux":
-            _write_in_child(fig, target, dpi)
+            _write_in_child(fig, target, dpi, bbox_inches)
         else:
-            fig.savefig(target, dpi=dpi, bbox_inches=_bbox_inches(fig))
+            fig.savefig(target, dpi=dpi, bbox_inches=bbox_inches)
     return written
 
 
 def _bbox_inches(fig: Figure) -> str | None:
     """``"tight"`` only for a figure without a layout engine: one with constrained or tight layout already fits
-    its canvas, and a tight crop would draw it twice (a quarter to a third of a report's figure time)."""
-    from matplotlib.layout_engine import ConstrainedLayoutEngine, TightLayoutEngine
-
+    its canvas, and a tight crop would draw it twice (10–37 % of a figure's ``show``, bench/report_figures.py)."""
     return None if isinstance(fig.get_layout_engine(), (ConstrainedLayoutEngine, TightLayoutEngine)) else "tight"
 
 
@@ -109,7 +109,7 @@ class _FigureWriter:
 _FIGURE_WRITERS: list[_FigureWriter] = []
 
 
-def _write_in_child(fig: Figure, target: Path, dpi: int) -> None:
+def _write_in_child(fig: Figure, target: Path, dpi: int, bbox_inches: str | None) -> None:
     """Write ``target`` from a forked copy of this process, so the caller goes on drawing on another core.
 
     The child sees the figure as it is now and writes ``<target>.part``, renamed when complete, so a
@@ -131,7 +131,7 @@ def _write_in_child(fig: Figure, target: Path, dpi: int) -> None:
             logging.disable(logging.CRITICAL)
             warnings.simplefilter("ignore")
             sys.stdout = sys.stderr = open(os.devnull, "w")
-            fig.savefig(part, dpi=dpi, bbox_inches=_bbox_inches(fig), format=target.suffix[1:])
+            fig.savefig(part, dpi=dpi, bbox_inches=bbox_inches, format=target.suffix[1:])
             os.replace(part, target)
             status = 0
         except BaseException as error:
