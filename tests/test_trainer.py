@@ -109,7 +109,10 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path):
     overrides = {"output_dir": str(tmp_path / "runs"), "progress": False, "epochs": 4, "batch_size": 32,
                  "latent_dim": 16, "groupdro_enabled": True, "groupdro_warmup_epochs": 1,
                  "lambda_fit": 0.1, "lambda_sep": 0.1, "log_interval": 3, "latent_samples_per_group": 0}
+    started = time.perf_counter()
     reference = train(Config(run_name="reference", **overrides))
+    step_lines = len(_complete_lines(reference.run_dir / "steps.jsonl"))
+    seconds_per_line = (time.perf_counter() - started) / step_lines  # the pace of this machine, evaluation included
     command = [sys.executable, "-m", "tdro", "train", "-p", "run_name", "killed"]
     for name, value in overrides.items():
         command += ["-p", name, json.dumps(value)]
@@ -117,10 +120,10 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path):
     rng = random.Random(os.getpid())
     for attempt in range(5):
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        target_steps = rng.randint(3, 90)
-        while process.poll() is None and len(_complete_lines(killed_dir / "steps.jsonl")) < target_steps // 3:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.3))
+        target_lines = rng.randint(1, step_lines - 1)
+        while process.poll() is None and len(_complete_lines(killed_dir / "steps.jsonl")) < target_lines:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, seconds_per_line))  # anywhere before the next record, however fast the machine
         process.send_signal(signal.SIGKILL)
         process.wait()
         if not (killed_dir / "summary.json").exists():
