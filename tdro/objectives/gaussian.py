@@ -217,19 +217,19 @@ class _GramCrossTerm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, weights, counts, mask):  # noqa: D102 (autograd.Function protocol)
         y64, x64, counts64 = _precise(y), _precise(x), _precise(counts)
-        weighted = x64 * (weights if isinstance(weights, float) else _precise(weights)[:, None, :])
+        weighted = x64 * (weights if isinstance(weights, float) else _precise(weights).unsqueeze(1))
         dof = counts64 - 1
-        gram = (y64 @ y64.transpose(1, 2) + weighted @ x64.transpose(1, 2)) / dof[:, None, None]
+        gram = torch.bmm(y64, y64.transpose(1, 2)).baddbmm_(weighted, x64.transpose(1, 2)).div_(dof.view(-1, 1, 1))
         trace_gram = _trace(gram)
-        tau = (trace_gram / counts64).clamp_min(torch.finfo(gram.dtype).tiny)
+        tau = (trace_gram / counts64).clamp_min(torch.finfo(gram.dtype).tiny).unsqueeze(1)
         valid = _precise(mask)
-        unit = valid / counts64.sqrt()[:, None]
-        gram += tau[:, None, None] * (unit[:, :, None] * unit[:, None, :] + torch.diag_embed(1 - valid))
+        lifted = valid * (tau / counts64.unsqueeze(1))  # (τ/n)·𝟙 on the real slots: + τ𝟙𝟙ᵀ/n there
+        gram.baddbmm_(lifted.unsqueeze(2), valid.unsqueeze(1)).diagonal(dim1=1, dim2=2).add_((1 - valid) * tau)
         eigenvalues, vectors = symmetric_eigh(gram)
         floor = (gram.shape[-1] * torch.finfo(gram.dtype).eps * trace_gram).clamp_min(torch.finfo(gram.dtype).tiny)
-        real = eigenvalues > floor[:, None]
+        real = eigenvalues > floor.unsqueeze(1)
         roots = torch.where(real, eigenvalues, 0.0).sqrt_()
-        cross = roots.sum(-1) - (gram.shape[-1] - counts64 + 1) * tau.sqrt()
+        cross = roots.sum(-1) - (gram.shape[-1] - counts64 + 1) * tau.squeeze(1).sqrt()
         ctx.save_for_backward(y64, x64, weighted, vectors, roots, dof)
         ctx.dtypes = (y.dtype, x.dtype, None if isinstance(weights, float) else weights.dtype)
         return x64.square().sum((1, 2)) / dof - 2 * cross
@@ -240,15 +240,16 @@ class _GramCrossTerm(torch.autograd.Function):
         y_dtype, x_dtype, w_dtype = ctx.dtypes
         grad = grad.to(y64.dtype) / dof
         # d(−2 Σ√λ)/dλ = −1/√λ on real eigenvalues, 0 on the round-off ones (their √ would have no derivative)
-        coefficient = torch.where(roots > 0, -grad[:, None] / torch.where(roots > 0, roots, 1.0), 0.0)
-        d_gram = (vectors * coefficient[:, None, :]) @ vectors.transpose(1, 2)  # dL/dG·(n−1), symmetric
+        real = roots > 0
+        coefficient = torch.where(real, grad.unsqueeze(1) / torch.where(real, roots, 1.0), 0.0).mul_(-2)
+        d_gram = torch.bmm(vectors * coefficient.unsqueeze(1), vectors.transpose(1, 2))  # 2·∂L/∂(YYᵀ), symmetric
         d_y = d_x = d_w = None
         if ctx.needs_input_grad[0]:
-            d_y = (2 * d_gram @ y64).to(y_dtype)
+            d_y = torch.bmm(d_gram, y64).to(y_dtype)
         if ctx.needs_input_grad[1]:
-            d_x = (2 * (d_gram @ weighted + grad[:, None, None] * x64)).to(x_dtype)
+            d_x = torch.bmm(d_gram, weighted).addcmul_(grad.view(-1, 1, 1), x64, value=2).to(x_dtype)
         if w_dtype is not None and ctx.needs_input_grad[2]:
-            d_w = ((d_gram @ x64) * x64).sum(1).to(w_dtype)
+            d_w = (torch.bmm(d_gram, x64) * x64).sum(1).mul_(0.5).to(w_dtype)
         return d_y, d_x, d_w, None, None
 
 
