@@ -112,7 +112,7 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path):
     started = time.perf_counter()
     reference = train(Config(run_name="reference", **overrides))
     step_lines = len(_complete_lines(reference.run_dir / "steps.jsonl"))
-    seconds_per_line = (time.perf_counter() - started) / step_lines  # the pace of this machine, evaluation included
+    seconds_per_line = (time.perf_counter() - started) / step_lines  # this machine's pace, set-up and evaluation included (an upper bound)
     command = [sys.executable, "-m", "tdro", "train", "-p", "run_name", "killed"]
     for name, value in overrides.items():
         command += ["-p", name, json.dumps(value)]

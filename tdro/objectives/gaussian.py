@@ -221,15 +221,16 @@ class _GramCrossTerm(torch.autograd.Function):
         dof = counts64 - 1
         gram = torch.bmm(y64, y64.transpose(1, 2)).baddbmm_(weighted, x64.transpose(1, 2)).div_(dof.view(-1, 1, 1))
         trace_gram = _trace(gram)
-        tau = (trace_gram / counts64).clamp_min(torch.finfo(gram.dtype).tiny).unsqueeze(1)
+        tau = (trace_gram / counts64).clamp_min(torch.finfo(gram.dtype).tiny)
         valid = _precise(mask)
-        lifted = valid * (tau / counts64.unsqueeze(1))  # (τ/n)·𝟙 on the real slots: + τ𝟙𝟙ᵀ/n there
-        gram.baddbmm_(lifted.unsqueeze(2), valid.unsqueeze(1)).diagonal(dim1=1, dim2=2).add_((1 - valid) * tau)
+        lifted = valid * (tau / counts64).unsqueeze(1)  # (τ/n)·𝟙 on the real slots: + τ𝟙𝟙ᵀ/n there
+        gram.baddbmm_(lifted.unsqueeze(2), valid.unsqueeze(1))
+        gram.diagonal(dim1=1, dim2=2).add_((1 - valid) * tau.unsqueeze(1))  # + τ on the padded slots
         eigenvalues, vectors = symmetric_eigh(gram)
         floor = (gram.shape[-1] * torch.finfo(gram.dtype).eps * trace_gram).clamp_min(torch.finfo(gram.dtype).tiny)
         real = eigenvalues > floor.unsqueeze(1)
         roots = torch.where(real, eigenvalues, 0.0).sqrt_()
-        cross = roots.sum(-1) - (gram.shape[-1] - counts64 + 1) * tau.squeeze(1).sqrt()
+        cross = roots.sum(-1) - (gram.shape[-1] - counts64 + 1) * tau.sqrt()
         ctx.save_for_backward(y64, x64, weighted, vectors, roots, dof)
         ctx.dtypes = (y.dtype, x.dtype, None if isinstance(weights, float) else weights.dtype)
         return x64.square().sum((1, 2)) / dof - 2 * cross
@@ -239,7 +240,8 @@ class _GramCrossTerm(torch.autograd.Function):
         y64, x64, weighted, vectors, roots, dof = ctx.saved_tensors
         y_dtype, x_dtype, w_dtype = ctx.dtypes
         grad = grad.to(y64.dtype) / dof
-        # d(−2 Σ√λ)/dλ = −1/√λ on real eigenvalues, 0 on the round-off ones (their √ would have no derivative)
+        # d(−2 Σ√λ)/dλ = −1/√λ on real eigenvalues, 0 on the round-off ones (√ has no derivative there);
+        # dG carries the 2 of d(YYᵀ)/dY, which d_w (linear in diag(w)) halves back
         real = roots > 0
         coefficient = torch.where(real, grad.unsqueeze(1) / torch.where(real, roots, 1.0), 0.0).mul_(-2)
         d_gram = torch.bmm(vectors * coefficient.unsqueeze(1), vectors.transpose(1, 2))  # 2·∂L/∂(YYᵀ), symmetric
